@@ -1,0 +1,175 @@
+"""Convolutional encoder/decoder of the taming / LDM / LlamaGen family (SPEC.md §1).
+
+Shared by VQGAN, FQGAN (trunk shared by all branches) and the KL VAEs: a family file
+composes these blocks, it never copies them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    # GroupNorm(32) at reference widths; smaller test widths fall back to a divisor.
+    return nn.GroupNorm(math.gcd(channels, groups), channels, eps=1e-6, affine=True)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0, norm_groups: int = 32):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.norm1 = group_norm(in_channels, norm_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all spatial positions (used at the lowest resolution)."""
+
+    def __init__(self, channels: int, norm_groups: int = 32):
+        super().__init__()
+        self.norm = group_norm(channels, norm_groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # taming's asymmetric padding keeps the exact /2 grid
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Sequential):
+    """Res - Attn - Res at the lowest resolution."""
+
+    def __init__(self, channels: int, dropout: float = 0.0, norm_groups: int = 32):
+        super().__init__(
+            ResBlock(channels, channels, dropout, norm_groups),
+            AttnBlock(channels, norm_groups),
+            ResBlock(channels, channels, dropout, norm_groups),
+        )
+
+
+class Encoder(nn.Module):
+    """Images -> feature map downsampled by ``2 ** (len(mults) - 1)``.
+
+    ``trunk`` returns the middle-block features (``trunk_channels`` wide); ``forward``
+    adds GroupNorm + SiLU + conv to ``out_channels`` (``z_channels``, doubled for a KL
+    VAE's mean and log-variance with ``double_z``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        width: int = 128,
+        mults: Sequence[int] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        z_channels: int = 256,
+        double_z: bool = False,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+    ):
+        super().__init__()
+        self.downsample_factor = 2 ** (len(mults) - 1)
+        self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
+        levels = []
+        ch = width
+        for i, m in enumerate(mults):
+            blocks: list[nn.Module] = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(ch, width * m, dropout, norm_groups))
+                ch = width * m
+                if i == len(mults) - 1:
+                    blocks.append(AttnBlock(ch, norm_groups))
+            if i != len(mults) - 1:
+                blocks.append(Downsample(ch))
+            levels.append(nn.Sequential(*blocks))
+        self.levels = nn.Sequential(*levels)
+        self.mid = MidBlock(ch, dropout, norm_groups)
+        self.trunk_channels = ch
+        self.out_channels = 2 * z_channels if double_z else z_channels
+        self.norm_out = group_norm(ch, norm_groups)
+        self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
+
+    def trunk(self, x: Tensor) -> Tensor:
+        return self.mid(self.levels(self.conv_in(x)))
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.trunk(x))
+
+
+class Decoder(nn.Module):
+    """Latent map (``z_channels``) -> images, upsampling by ``2 ** (len(mults) - 1)``."""
+
+    def __init__(
+        self,
+        out_channels: int = 3,
+        width: int = 128,
+        mults: Sequence[int] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 3,
+        z_channels: int = 256,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+    ):
+        super().__init__()
+        self.upsample_factor = 2 ** (len(mults) - 1)
+        self.z_channels = z_channels
+        ch = width * mults[-1]
+        self.conv_in = nn.Conv2d(z_channels, ch, 3, padding=1)
+        self.mid = MidBlock(ch, dropout, norm_groups)
+        levels = []
+        for i, m in reversed(list(enumerate(mults))):
+            blocks: list[nn.Module] = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(ch, width * m, dropout, norm_groups))
+                ch = width * m
+                if i == len(mults) - 1:
+                    blocks.append(AttnBlock(ch, norm_groups))
+            if i != 0:
+                blocks.append(Upsample(ch))
+            levels.append(nn.Sequential(*blocks))
+        self.levels = nn.Sequential(*levels)
+        self.norm_out = group_norm(ch, norm_groups)
+        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+
+    @property
+    def last_layer(self) -> Tensor:
+        return self.conv_out.weight
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.levels(self.mid(self.conv_in(z)))
+        return self.conv_out(F.silu(self.norm_out(h)))
