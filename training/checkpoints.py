@@ -1,0 +1,106 @@
+"""Checkpoint files: atomic writes, finding the one to resume, rebuilding a tokenizer."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+LAST = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes to ``<path>.tmp`` then renames: a job killed mid-save (preemption, time
+    limit) leaves the previous checkpoint intact instead of a truncated file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def resolve_resume(ckpt_path: str | None, run_dir: str | os.PathLike, resume: str = "auto") -> str | None:
+    """The checkpoint to resume from.
+
+    ``ckpt_path`` may be a checkpoint file or a run directory (its
+    ``checkpoints/last.ckpt`` is used). Without it and with ``resume=auto``, the current
+    run directory's ``last.ckpt`` is resumed when present: that is what makes a
+    requeued or resubmitted SLURM job continue by itself.
+    """
+    if ckpt_path:
+        p = Path(os.path.expanduser(str(ckpt_path)))
+        if p.is_dir():
+            candidates = [checkpoint_dir(p) / LAST, p / LAST]
+            for c in candidates:
+                if c.is_file():
+                    return str(c)
+            raise FileNotFoundError(
+                f"ckpt_path={ckpt_path} is a directory without a checkpoint.\nLooked in: "
+                + ", ".join(map(str, candidates))
+                + "\nFix: point ckpt_path at a .ckpt file or at a run directory that has checkpoints/last.ckpt."
+            )
+        if not p.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist. Fix: give a .ckpt file or a run directory.")
+        return str(p)
+    if resume == "auto":
+        last = checkpoint_dir(run_dir) / LAST
+        if last.is_file():
+            log.info("Resuming from %s (resume=auto; set resume=never to start over).", last)
+            return str(last)
+    elif resume not in ("never", "auto"):
+        raise ValueError(f"resume must be 'auto' or 'never', got {resume!r}")
+    return None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    # Our own checkpoints hold the run config (plain containers) next to tensors.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_tokenizer(path: str | os.PathLike, ema: bool = True, overrides: dict | None = None):
+    """Rebuild a tokenizer from a checkpoint alone: ``(tokenizer in eval mode, config)``.
+
+    Uses the run config saved in the checkpoint, then loads the EMA weights (``ema=True``,
+    what validation used) or the raw training weights.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt:
+        raise KeyError(f"{path} has no saved run config; it was not written by this framework's train.py.")
+    cfg = OmegaConf.create(ckpt["config"])
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+    tokenizer = instantiate(cfg.tokenizer)
+    state = ckpt["state_dict"]
+    prefix = "ema.module." if ema and any(k.startswith("ema.module.") for k in state) else "tokenizer."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = tokenizer.load_state_dict(weights, strict=False)
+    if unexpected or [m for m in missing if not _is_optional(m)]:
+        raise RuntimeError(f"{path}: weights do not match the saved config. missing={missing[:5]} unexpected={unexpected[:5]}")
+    tokenizer.eval()
+    return tokenizer, cfg
+
+
+def _is_optional(key: str) -> bool:
+    return key.endswith(("recent_indices", "recent_pos"))
+
+
+def load_weights_into(module, path: str | os.PathLike) -> None:
+    """Weights-only initialisation (``init_from=``): tokenizer (and EMA, discriminator
+    when present) from a previous run; optimizer state and step start fresh."""
+    state = load_checkpoint(path)["state_dict"]
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    log.info("Initialised weights from %s (%d missing, %d unexpected keys).", path, len(missing), len(unexpected))

@@ -1,0 +1,61 @@
+"""Experiment loggers. W&B decides online/offline by itself; the run id is kept in the
+run directory so a resumed or requeued run continues the same W&B run."""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+def wandb_credentials_present() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc(os.path.expanduser("~/.netrc"))
+        if any(host in rc.hosts for host in ("api.wandb.ai", "wandb.ai")):
+            return True
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    settings = Path(os.environ.get("WANDB_CONFIG_DIR", "~/.config/wandb")).expanduser() / "settings"
+    return settings.is_file() and "api_key" in settings.read_text(errors="ignore")
+
+
+def wandb_mode() -> str:
+    """``WANDB_MODE`` set by the user always wins; else online with credentials, offline without."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if wandb_credentials_present() else "offline"
+
+
+def persistent_run_id(save_dir: str | os.PathLike) -> str:
+    """The W&B run id of this run directory, created once (by rank 0) and reused after a
+    resume or requeue."""
+    path = Path(save_dir) / "wandb_run_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id)
+    return run_id
+
+
+def wandb_logger(save_dir: str, project: str = "tokbench", name: str | None = None, group: str | None = None,
+                 tags: list | None = None, log_model: bool = False, **kwargs):
+    from pytorch_lightning.loggers import WandbLogger
+
+    mode = wandb_mode()
+    if mode == "offline" and not os.environ.get("WANDB_MODE"):
+        rank_zero_only(log.warning)(
+            "W&B: no credentials found; logging offline to %s/wandb (sync later with `wandb sync`).", save_dir)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(save_dir=save_dir, project=project, name=name, group=group, tags=list(tags or []),
+                       id=persistent_run_id(save_dir), resume="allow", mode=mode, log_model=log_model, **kwargs)

@@ -1,0 +1,245 @@
+"""``TokenizerModule``: the one LightningModule that trains every tokenizer family.
+
+It knows nothing about any family: it adds the generic losses of ``conf/loss``, the
+adversarial loss of ``conf/gan`` and the regulariser of ``conf/regularizer`` to what
+the tokenizer's ``forward`` returns, weights adaptive terms, steps the tokenizer and
+discriminator optimizers (manual optimization), keeps an EMA copy and logs.
+
+Step counting: with manual optimization every ``LightningOptimizer.step()`` advances
+``global_step`` (Lightning issue 17958), so only the tokenizer optimizer goes through
+Lightning; the discriminator's inner optimizer is stepped directly. Hence
+``global_step`` == batches seen, and ``disc_start``, ``max_steps`` and checkpoint
+intervals mean what they say.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput
+from training.ema import EMA
+
+log = logging.getLogger(__name__)
+
+
+def adaptive_weight(nll: Tensor, loss: Tensor, param: Tensor, max_weight: float = 1e4) -> Tensor:
+    """``||grad(nll, param)|| / (||grad(loss, param)|| + 1e-4)``, clamped to [0, max_weight],
+    detached (taming's adaptive GAN weight; VA-VAE's adaptive VF weight)."""
+    g_nll = torch.autograd.grad(nll, param, retain_graph=True)[0]
+    g_loss = torch.autograd.grad(loss, param, retain_graph=True)[0]
+    return (g_nll.norm() / (g_loss.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def psnr_per_image(x: Tensor, y: Tensor) -> Tensor:
+    """PSNR of images in [-1, 1], measured on [0, 255] after rounding, one value per image."""
+    x255 = ((x.float().clamp(-1, 1) + 1) * 127.5).round()
+    y255 = ((y.float().clamp(-1, 1) + 1) * 127.5).round()
+    mse = ((x255 - y255) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TokenizerModule(pl.LightningModule):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        loss: nn.Module | None = None,
+        gan: nn.Module | None = None,
+        regularizer: nn.Module | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.Adam, lr=1e-4, betas=(0.9, 0.95)),
+        disc_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        ema_decay: float | None = 0.999,
+        grad_clip: float | None = 1.0,
+        disc_grad_clip: float | None = 1.0,
+        max_consecutive_nonfinite: int = 20,
+        spectrum_bands: int = 8,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.tokenizer = tokenizer
+        self.loss = loss
+        self.gan = gan
+        self.regularizer = regularizer
+        self.optimizer_factory = optimizer
+        self.disc_optimizer_factory = disc_optimizer or optimizer
+        self.ema = EMA(tokenizer, ema_decay) if ema_decay else None
+        self.grad_clip = grad_clip
+        self.disc_grad_clip = disc_grad_clip
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.spectrum_bands = spectrum_bands
+        self.run_config: dict | None = None  # set by the run builder; saved in checkpoints
+        self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.long))
+        self._consecutive_nonfinite = 0
+
+    # -- models ---------------------------------------------------------------------
+    @property
+    def eval_tokenizer(self) -> Tokenizer:
+        """The weights validation and evaluation use: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.tokenizer
+
+    def configure_optimizers(self):
+        params = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        opt_g = self.optimizer_factory(params)
+        if self.gan is None:
+            return opt_g
+        opt_d = self.disc_optimizer_factory(self.gan.discriminator.parameters())
+        return [opt_g, opt_d]
+
+    def _optimizers(self):
+        opts = self.optimizers()
+        if isinstance(opts, (list, tuple)):
+            return opts[0], opts[1]
+        return opts, None
+
+    # -- losses ---------------------------------------------------------------------
+    def reconstruction_loss(self, recon: Tensor, target: Tensor) -> Tensor:
+        if self.loss is None:
+            return torch.nn.functional.mse_loss(recon.float(), target.float())
+        return self.loss.total(recon, target)
+
+    def compute_losses(self, images: Tensor, out: TokenizerOutput, step: int, tokenizer: Tokenizer,
+                       with_gan: bool = True) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        losses = dict(out.losses)
+        logs: dict[str, Tensor] = {}
+        nll = None
+        if out.reconstruction is not None and self.loss is not None:
+            terms = self.loss(out.reconstruction, images)
+            losses.update(terms)
+            nll = sum(terms.values())
+        if self.regularizer is not None:
+            losses.update(self.regularizer(tokenizer, images, out, self.reconstruction_loss))
+        adaptive: dict[str, AdaptiveTerm] = dict(out.adaptive)
+        if with_gan and self.gan is not None and out.reconstruction is not None and self.gan.active(step):
+            g = self.gan.generator_loss(out.reconstruction, images)
+            if self.gan.weighting == "adaptive":
+                adaptive["gan"] = AdaptiveTerm(g, tokenizer.decoder_last_layer(), self.gan.disc_weight,
+                                               self.gan.max_adaptive_weight)
+            else:
+                losses["gan"] = self.gan.disc_weight * g
+        for name, term in adaptive.items():
+            if nll is not None and torch.is_grad_enabled() and nll.requires_grad:
+                w = adaptive_weight(nll, term.loss, term.param, term.max_weight)
+            else:
+                w = torch.ones((), device=term.loss.device)
+            logs[f"{name}_adaptive_weight"] = w
+            losses[name] = w * term.weight * term.loss
+        return losses, logs
+
+    # -- training ---------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int):
+        images = batch[0]
+        opt_g, opt_d = self._optimizers()
+        step = self.global_step  # == batches seen (see module docstring)
+
+        if opt_d is not None:
+            self.toggle_optimizer(opt_g)  # no discriminator gradients from the generator pass
+        out = self.tokenizer(images)
+        losses, logs = self.compute_losses(images, out, step, self.tokenizer)
+        total = sum(losses.values())
+        finite = self._check_finite(total, losses)
+        opt_g.zero_grad(set_to_none=True)
+        if finite:
+            self.manual_backward(total)
+            if self.grad_clip:
+                self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+            opt_g.step()
+        else:
+            self._skip_step(opt_g)
+        if opt_d is not None:
+            self.untoggle_optimizer(opt_g)
+        if finite and self.ema is not None:
+            self.ema.update(self.tokenizer)
+
+        d_logs: dict[str, Tensor] = {}
+        if opt_d is not None and out.reconstruction is not None and self.gan.active(step) and finite:
+            self.toggle_optimizer(opt_d)
+            d_loss, d_extra = self.gan.discriminator_loss(images, out.reconstruction.detach(), step=step)
+            opt_d.zero_grad(set_to_none=True)
+            if torch.isfinite(d_loss):
+                self.manual_backward(d_loss)
+                if self.disc_grad_clip:
+                    self.clip_gradients(opt_d, gradient_clip_val=self.disc_grad_clip, gradient_clip_algorithm="norm")
+                opt_d.optimizer.step()  # the inner optimizer: must not advance global_step
+            self.untoggle_optimizer(opt_d)
+            d_logs = {"disc_loss": d_loss.detach(), **{f"disc/{k}": v for k, v in d_extra.items()}}
+
+        scalars = {f"loss/{k}": v.detach() for k, v in losses.items()}
+        scalars["loss/total"] = total.detach()
+        scalars.update({k: v for k, v in logs.items()})
+        scalars.update({k: torch.as_tensor(v, dtype=torch.float32) for k, v in out.logs.items()})
+        scalars.update(d_logs)
+        scalars["nonfinite_skipped"] = self.nonfinite_skipped.float()
+        self.log_dict({f"train/{k}": torch.as_tensor(v).float() for k, v in scalars.items()}, on_step=True,
+                      on_epoch=False, prog_bar=False)
+        self.log("loss", total.detach().float(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        skipped = getattr(getattr(self.trainer, "datamodule", None), "skipped_samples", None)
+        if callable(skipped):
+            self.log("data/skipped", float(skipped()), on_step=True, on_epoch=False)
+        return total.detach()
+
+    def _skip_step(self, opt_g) -> None:
+        # Advance the step counter without touching the weights, so a bad batch costs
+        # one step and nothing else (no NaN reaches the weights or a checkpoint).
+        opt_g.zero_grad(set_to_none=True)
+        opt_g.step()  # no gradients -> Adam leaves parameters unchanged
+
+    def _check_finite(self, total: Tensor, losses: dict[str, Tensor]) -> bool:
+        if torch.isfinite(total):
+            self._consecutive_nonfinite = 0
+            return True
+        self.nonfinite_skipped += 1
+        self._consecutive_nonfinite += 1
+        bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+        log.warning("Non-finite loss at step %d (terms: %s); step skipped (%d in a row).", self.global_step,
+                    ", ".join(bad), self._consecutive_nonfinite)
+        if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self._consecutive_nonfinite} consecutive non-finite losses (terms: {', '.join(bad)}). "
+                "Fix: lower the learning rate, use precision=bf16-mixed instead of 16-mixed, or enable QK-norm; "
+                "the last checkpoint is intact."
+            )
+        return False
+
+    # -- validation ---------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int):
+        images = batch[0]
+        model = self.eval_tokenizer
+        out = model(images)
+        metrics: dict[str, Tensor] = {}
+        losses, _ = self.compute_losses(images, out, self.global_step, model, with_gan=False)
+        for k, v in losses.items():
+            metrics[f"loss/{k}"] = v.detach().float()
+        if out.reconstruction is not None:
+            rec = out.reconstruction.float()
+            metrics["mse"] = torch.nn.functional.mse_loss(rec, images.float())
+            metrics["l1"] = torch.nn.functional.l1_loss(rec, images.float())
+            metrics["psnr"] = psnr_per_image(rec, images).mean()
+        for k, v in out.logs.items():
+            metrics[k] = torch.as_tensor(v, dtype=torch.float32, device=images.device)
+        latents = out.latents
+        if isinstance(latents, Tensor) and latents.dim() == 4 and batch_idx == 0:
+            try:
+                from tokenizers.spectrum import dct_band_energy
+            except ImportError:  # pragma: no cover - spectrum module absent
+                dct_band_energy = None
+            if dct_band_energy is not None:
+                _, hf = dct_band_energy(latents.float(), num_bands=self.spectrum_bands)
+                metrics["latent_hf_share"] = torch.as_tensor(float(hf), device=images.device)
+                _, hf_img = dct_band_energy(images.float(), num_bands=self.spectrum_bands)
+                metrics["image_hf_share"] = torch.as_tensor(float(hf_img), device=images.device)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True, sync_dist=True,
+                      batch_size=images.shape[0])
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config

@@ -1,0 +1,75 @@
+"""Builds data, tokenizer, losses, module, callbacks, loggers and trainer from a Hydra
+config and fits. ``train.py`` is a thin entry point around ``train``."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from training.checkpoints import LAST, AtomicCheckpointIO, checkpoint_dir, load_weights_into, resolve_resume
+
+log = logging.getLogger(__name__)
+
+
+def _optional(cfg: DictConfig, key: str):
+    node = cfg.get(key)
+    if node is None or not isinstance(node, DictConfig) or "_target_" not in node:
+        return None
+    return instantiate(node)
+
+
+def _instantiate_all(node: DictConfig | None) -> list:
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def build_module(cfg: DictConfig):
+    tokenizer = instantiate(cfg.tokenizer)
+    module = instantiate(
+        cfg.module,
+        tokenizer=tokenizer,
+        loss=_optional(cfg, "loss"),
+        gan=_optional(cfg, "gan"),
+        regularizer=_optional(cfg, "regularizer"),
+    )
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    return module
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    # Build the model first: a missing teacher / VAE checkpoint must stop the run before
+    # any data is written or read.
+    module = build_module(cfg)
+    datamodule = instantiate(cfg.data)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    plugins = list(_instantiate_all(cfg.get("plugins"))) + [AtomicCheckpointIO()]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+
+    ckpt_path = resolve_resume(cfg.get("ckpt_path"), run_dir, cfg.get("resume", "auto"))
+    if ckpt_path is None and cfg.get("init_from"):
+        load_weights_into(module, cfg.init_from)
+    for logger in loggers:
+        if hasattr(logger, "log_hyperparams"):
+            logger.log_hyperparams(module.run_config)
+
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    final = checkpoint_dir(run_dir) / LAST
+    trainer.save_checkpoint(final)  # always leave the end state, whatever the interval
+    elapsed = time.time() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    if trainer.is_global_zero:
+        log.info("Finished %d steps in %.1f s. Checkpoint: %s", trainer.global_step, elapsed, final)
+        for k in ("val/loss/pixel", "val/mse", "val/psnr"):
+            if k in metrics:
+                log.info("%s = %.4f", k, metrics[k])
+    return metrics
