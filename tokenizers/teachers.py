@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -64,7 +65,7 @@ _HUB_FILES = ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model
 
 # the small random teacher: cheap on CPU, same interface (8x8 patch grid at 112 px)
 RANDOM_TEACHER = dict(embed_dim=64, depth=2, num_heads=2, patch_size=14, image_size=112)
-_RANDOM_SEED = 0  # every process (and every DDP rank) builds the same random teacher
+_RANDOM_SEED = 0  # + crc32(name): the same net in every process and DDP rank, a different one per name
 
 
 @dataclass
@@ -75,7 +76,11 @@ class TeacherFeatures:
 
 
 class TeacherWeightsNotFound(FileNotFoundError):
-    pass
+    """Missing teacher weights; the message says which config key or cache path fixes it."""
+
+    def __repr__(self) -> str:
+        # Hydra's InstantiationException embeds repr(cause): keep the message readable there
+        return f"{type(self).__name__}:\n{self}"
 
 
 class FrozenTeacher(nn.Module):
@@ -262,14 +267,15 @@ def build_pretrained_teacher(name: str, path: str, image_size: int = 224) -> Fro
 
 
 def build_random_teacher(name: str = "random", image_size: int | None = None) -> FrozenTeacher:
-    """A small randomly initialised ViT with the teacher interface (seeded: identical in
-    every process, so DDP ranks agree on the targets)."""
+    """A small randomly initialised ViT with the teacher interface, seeded from its name:
+    identical in every process (DDP ranks agree on the targets), distinct between the
+    teachers of one run (so two random 'semantic' branches get different targets)."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from timm.models.vision_transformer import VisionTransformer
 
     image_size = int(image_size or RANDOM_TEACHER["image_size"])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_RANDOM_SEED)
+        torch.manual_seed(_RANDOM_SEED + zlib.crc32(name.encode()))
         model = VisionTransformer(
             img_size=image_size,
             patch_size=RANDOM_TEACHER["patch_size"],
