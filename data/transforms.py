@@ -1,0 +1,85 @@
+"""Image decoding and the two transforms every datamodule shares.
+
+Training (SPEC section 1): resize the short side to a random integer size in
+[R, max_upscale * R] (LlamaGen: [256, 320] at 256 px, i.e. 1.25), take a random R x R
+crop, flip horizontally with probability 0.5.
+Evaluation: resize the short side to R, take the centre R x R crop.
+
+Resizing is PIL bicubic, which low-pass filters when shrinking (no aliasing).
+Randomness comes from Python's ``random`` module, which the DataLoader seeds
+differently in every worker.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.common import check_resolution
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded image bytes (JPEG, PNG, WebP, ...) -> fully decoded RGB PIL image.
+
+    ``convert`` forces the whole file to be decoded here, so truncated or corrupt data
+    raises now (and is counted by the caller) rather than later in a transform.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    # The short side is set exactly to `size`; rounding only touches the long side.
+    new_size = (size, max(size, round(height * scale))) if width <= height else (max(size, round(width * scale)), size)
+    if new_size == image.size:
+        return image
+    return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class TrainTransform:
+    """Random short-side resize in [R, max_upscale * R], random R x R crop, random flip."""
+
+    def __init__(self, resolution: int, max_upscale: float = 1.25, flip: bool = True):
+        if max_upscale < 1.0:
+            raise ValueError(f"max_upscale must be >= 1 (the crop needs a short side >= resolution), got {max_upscale}.")
+        self.resolution = check_resolution(resolution)
+        self.max_short_side = max(self.resolution, int(max_upscale * self.resolution))
+        self.flip = flip
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        size = self.resolution
+        image = resize_short_side(image, random.randint(size, self.max_short_side))
+        width, height = image.size
+        left = random.randint(0, width - size)
+        top = random.randint(0, height - size)
+        image = image.crop((left, top, left + size, top + size))
+        if self.flip and random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(image)
+
+
+class EvalTransform:
+    """Short side to R, centre R x R crop: deterministic."""
+
+    def __init__(self, resolution: int):
+        self.resolution = check_resolution(resolution)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        size = self.resolution
+        image = resize_short_side(image, size)
+        width, height = image.size
+        left = (width - size) // 2
+        top = (height - size) // 2
+        return to_tensor(image.crop((left, top, left + size, top + size)))
