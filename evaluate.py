@@ -1,0 +1,20 @@
+"""Evaluate tokenizer checkpoints (and latent generators) and write a comparison report.
+
+    python evaluate.py checkpoints=[RUN_A,RUN_B/checkpoints/last.ckpt] data=imagenet \
+        data.root=/datasets/imagenet-wds out=reports/cmp [fabric.devices=8] [debug=smoke]
+
+Configuration: conf/evaluate/evaluate.yaml. The work happens in ``evaluation.main``.
+"""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf/evaluate", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from evaluation.main import main as run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

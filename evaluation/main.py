@@ -1,0 +1,195 @@
+"""What ``python evaluate.py`` runs: every checkpoint through the same yardstick, then the
+report (JSON per checkpoint, CSV, Markdown, PNG plots, W&B table).
+
+Ranks: Lightning Fabric launches / joins the processes (``fabric.devices``, torchrun and
+SLURM environments are detected); each rank evaluates its share of the validation split
+and the numbers are reduced across ranks; rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from evaluation import plots, report
+from evaluation.data import first_images, validation_batches
+from evaluation.distributed import barrier, is_main
+from evaluation.metrics import build_fid, build_lpips, fid_description, lpips_description
+from evaluation.runner import EvalSettings, evaluate_tokenizer, reconstruct, resolve_token_counts
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def launch(cfg: DictConfig):
+    """A launched Fabric (processes started or joined) for ``cfg.fabric``."""
+    from lightning_fabric import Fabric
+
+    fabric = Fabric(**OmegaConf.to_container(cfg.fabric, resolve=True))
+    fabric.launch()
+    return fabric
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A .ckpt file, or a run directory (its checkpoints/last.ckpt)."""
+    from training.checkpoints import resolve_resume
+
+    return str(Path(resolve_resume(str(path), run_dir=".", resume="never")).resolve())
+
+
+def run_name(cfg_saved: DictConfig, checkpoint: str, taken: set[str]) -> str:
+    """The run's own name (``run_name`` in its config), made unique within the report."""
+    name = str(cfg_saved.get("run_name") or Path(checkpoint).parent.parent.name or Path(checkpoint).stem)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    unique, i = name, 2
+    while unique in taken:
+        unique, i = f"{name}-{i}", i + 1
+    taken.add(unique)
+    return unique
+
+
+def settings_from(cfg: DictConfig) -> EvalSettings:
+    autocast = cfg.get("autocast")
+    if autocast not in _AUTOCAST:
+        raise ValueError(f"autocast must be one of {list(_AUTOCAST)}, got {autocast!r}")
+    return EvalSettings(
+        token_counts=list(cfg.token_counts) if cfg.get("token_counts") else None,
+        decode_options=OmegaConf.to_container(cfg.decode_options, resolve=True) if cfg.get("decode_options") else {},
+        spectrum_bands=int(cfg.spectrum_bands),
+        autocast_dtype=_AUTOCAST[autocast],
+    )
+
+
+def conventions(cfg: DictConfig, lpips, settings: EvalSettings) -> dict[str, str]:
+    return {
+        "rFID": f"reconstructions of the validation split against its own originals; {fid_description(cfg.metrics.fid.random_features)}",
+        "PSNR / SSIM": "mean of per-image values on [0, 255] pixels rounded to integers; SSIM Gaussian 11x11, sigma 1.5",
+        "LPIPS": lpips_description(lpips),
+        "usage / perplexity": "distinct codes over the whole split / codebook size; exp(entropy of code frequencies); per codebook, in codebook order",
+        "HF share": f"fraction of orthonormal 2D-DCT energy at normalised radial frequency >= 0.5 ({settings.spectrum_bands} bands), latents from encode_latents vs RGB images",
+        "throughput": "images/s per device over the split (first batch excluded as warm-up), "
+                      f"{'autocast ' + str(settings.autocast_dtype) if settings.autocast_dtype else 'fp32'}",
+        "data": f"{cfg.data.get('_target_', '?')} resolution {cfg.data.resolution}",
+    }
+
+
+def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Evaluate ``cfg.checkpoints`` and write the report to ``cfg.out``; returns the results."""
+    from training.checkpoints import load_tokenizer
+
+    if not cfg.get("checkpoints") and not cfg.get("generators"):
+        raise ValueError("Nothing to evaluate. Fix: pass checkpoints=[run_a/checkpoints/last.ckpt,...] "
+                         "(run directories work too) and/or generators=[...].")
+    fabric = launch(cfg)
+    device = fabric.device
+    out = Path(cfg.out)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    settings = settings_from(cfg)
+    # weights are checked before any model or data is touched: a missing file stops here
+    lpips = build_lpips(cfg.metrics.lpips.weights, allow_random=bool(cfg.metrics.lpips.allow_random))
+    make_fid = partial(build_fid, weights=cfg.metrics.fid.weights, random_features=bool(cfg.metrics.fid.random_features),
+                       float64_features=bool(cfg.metrics.fid.float64_features))
+    make_fid()  # fails early when the Inception weights are absent
+    datamodule = instantiate(cfg.data)
+    limit = cfg.get("limit_batches")
+
+    checkpoints = [resolve_checkpoint(p) for p in (cfg.checkpoints or [])]
+    generators = list(cfg.get("generators") or [])
+    gen_tokenizers = []
+    if generators:
+        from evaluation.generation import generator_tokenizer_checkpoint
+
+        gen_tokenizers = [resolve_checkpoint(generator_tokenizer_checkpoint(g)) for g in generators]
+        checkpoints += [c for c in dict.fromkeys(gen_tokenizers) if c not in checkpoints]
+
+    grid_inputs = first_images(validation_batches(datamodule, limit), int(cfg.grid_images)) if is_main() else None
+    results, grid_rows, names = [], [], set()
+    for checkpoint in checkpoints:
+        tokenizer, saved_cfg = load_tokenizer(checkpoint, ema=bool(cfg.ema))
+        name = run_name(saved_cfg, checkpoint, names)
+        log.info("Evaluating %s (%s) on %s", name, type(tokenizer).__name__, device)
+        result = evaluate_tokenizer(
+            tokenizer, validation_batches(datamodule, limit), lpips=lpips, make_fid=make_fid,
+            settings=settings, device=device,
+        )
+        result = {"run": name, "checkpoint": checkpoint, **result,
+                  "conventions": conventions(cfg, lpips, settings),
+                  "tokenizer_target": str(saved_cfg.tokenizer.get("_target_", "?"))}
+        if is_main():
+            counts = resolve_token_counts(tokenizer, result["facts"]["resolution"], settings.token_counts)
+            recon = reconstruct(tokenizer, grid_inputs, counts, settings.decode_options, device)
+            for k, images in recon.items():
+                grid_rows.append((name if k is None else f"{name}\n{k} tok", images))
+        results.append(result)
+        del tokenizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if generators:
+        from evaluation.generation import evaluate_generator
+
+        for generator, tok_ckpt in zip(generators, gen_tokenizers):
+            gen = evaluate_generator(resolve_checkpoint(generator), cfg, device=device, make_fid=make_fid)
+            target = next(r for r in results if r["checkpoint"] == tok_ckpt)
+            target["generation"] = gen
+
+    if is_main():
+        write_outputs(results, out, grid_inputs, grid_rows, cfg)
+    barrier()
+    return results
+
+
+def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: DictConfig) -> dict[str, str]:
+    for r in results:
+        report.write_json(r, out / f"{r['run']}.json")
+    report.write_csv(results, out / "report.csv")
+    files = {"reconstructions": "reconstructions.png", "rate-distortion": "rate_distortion.png",
+             "DCT spectra": "spectra.png"}
+    plots.reconstruction_grid(grid_inputs, grid_rows, out / files["reconstructions"])
+    plots.rate_distortion(results, out / files["rate-distortion"])
+    plots.spectra(results, out / files["DCT spectra"])
+    if plots.codebook_usage(results, out / "codebook_usage.png"):
+        files["codebook usage"] = "codebook_usage.png"
+    notes = []
+    if bool(cfg.metrics.fid.random_features) or any("RANDOM" in r["conventions"]["LPIPS"] for r in results):
+        notes.append("**SMOKE RUN**: random feature networks; rFID / LPIPS values only check the pipeline.")
+    if cfg.get("limit_batches"):
+        notes.append(f"limit_batches={cfg.limit_batches} per rank: only part of the split was evaluated.")
+    report.write_markdown(results, out / "report.md", files, notes)
+    log_to_wandb(results, out, files, cfg)
+    log.info("Report: %s", out / "report.md")
+    return files
+
+
+def log_to_wandb(results: list[dict], out: Path, files: dict[str, str], cfg: DictConfig) -> None:
+    """The same table and plots as a W&B run (``logger=wandb``; offline without credentials,
+    decided by ``training.loggers``). Other loggers have no tables and are ignored here."""
+    spec = (cfg.get("logger") or {}).get("wandb")
+    if not spec:
+        return
+    from training.loggers import wandb_logger
+
+    # built from the few keys that mean something here (the train-side config interpolates
+    # the tokenizer choice, which an evaluation does not have)
+    logger = wandb_logger(save_dir=str(out), project=spec.get("project", "tokbench"),
+                          name=f"eval-{'-'.join(r['run'] for r in results)}"[:120], group=spec.get("group"),
+                          tags=["evaluation"])
+    keys, lines = report.table(results)
+    logger.log_table(key="evaluation/report", columns=keys,
+                     data=[[report._csv_value(v) for v in line] for line in lines])
+    for name, file in files.items():
+        logger.log_image(key=f"evaluation/{name.replace(' ', '_')}", images=[str(out / file)])
+    logger.experiment.finish()
+
+
+def main(cfg: DictConfig) -> list[dict[str, Any]]:
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"))
+    return evaluate(cfg)

@@ -1,0 +1,125 @@
+"""The comparison table: one JSON per checkpoint, ``report.csv`` and ``report.md``.
+
+A *result* is what ``evaluation.main`` writes to ``<run name>.json``: ``run``,
+``checkpoint``, ``facts`` (family, latent shape, parameters, ...), ``rows`` (metrics,
+one per token count), ``spectrum`` (DCT band energies of latents and images),
+``code_counts``, ``conventions`` (how each metric was computed) and optionally
+``generation`` (gFID). The table has one line per (checkpoint, token count).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+NOT_APPLICABLE = "n/a"
+
+
+def _num(x: Any, digits: int) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return NOT_APPLICABLE
+    return f"{x:.{digits}f}"
+
+
+def _per_codebook(values: list[float] | None, digits: int) -> str:
+    if values is None:
+        return NOT_APPLICABLE
+    return " / ".join(f"{v:.{digits}f}" for v in values)
+
+
+def _shape(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+# (csv key, markdown header, value from (result, row), markdown formatter)
+Column = tuple[str, str, Callable[[dict, dict], Any], Callable[[Any], str]]
+
+COLUMNS: list[Column] = [
+    ("run", "run", lambda r, row: r["run"], str),
+    ("family", "family", lambda r, row: r["facts"]["family"], str),
+    ("tokens", "tokens/img", lambda r, row: row["tokens_per_image"], str),
+    ("bits_per_image", "bits/img", lambda r, row: row["bits_per_image"], lambda v: _num(v, 0)),
+    ("latent_shape", "latent CxHxW", lambda r, row: _shape(r["facts"]["latent_shape"]), str),
+    ("params_m", "params (M)", lambda r, row: r["facts"]["parameters"] / 1e6, lambda v: _num(v, 2)),
+    ("rfid", "rFID", lambda r, row: row["rfid"], lambda v: _num(v, 2)),
+    ("psnr", "PSNR", lambda r, row: row["psnr"], lambda v: _num(v, 2)),
+    ("ssim", "SSIM", lambda r, row: row["ssim"], lambda v: _num(v, 3)),
+    ("lpips", "LPIPS", lambda r, row: row["lpips"], lambda v: _num(v, 3)),
+    ("codebook_usage", "usage", lambda r, row: row["codebook_usage"], lambda v: _per_codebook(v, 3)),
+    ("perplexity", "perplexity", lambda r, row: row["perplexity"], lambda v: _per_codebook(v, 1)),
+    ("latent_hf_share", "latent HF", lambda r, row: r["spectrum"]["latent"]["high_frequency_share"], lambda v: _num(v, 3)),
+    ("image_hf_share", "image HF", lambda r, row: r["spectrum"]["images"]["high_frequency_share"], lambda v: _num(v, 3)),
+    ("encode_images_per_s", "enc img/s", lambda r, row: row["encode_images_per_s"], lambda v: _num(v, 1)),
+    ("decode_images_per_s", "dec img/s", lambda r, row: row["decode_images_per_s"], lambda v: _num(v, 1)),
+    ("num_images", "images", lambda r, row: row["num_images"], str),
+]
+
+GFID_COLUMN: Column = ("gfid", "gFID", lambda r, row: (r.get("generation") or {}).get("gfid"), lambda v: _num(v, 2))
+
+
+def columns_for(results: list[dict]) -> list[Column]:
+    """The gFID column appears when at least one checkpoint has a generator evaluated."""
+    cols = list(COLUMNS)
+    if any(r.get("generation") for r in results):
+        cols.insert(cols.index(next(c for c in cols if c[0] == "lpips")) + 1, GFID_COLUMN)
+    return cols
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return NOT_APPLICABLE
+    if isinstance(v, (list, tuple)):
+        return "/".join(str(x) for x in v)
+    return v
+
+
+def table(results: list[dict]) -> tuple[list[str], list[list[Any]]]:
+    """(csv keys, raw values per line) over every (checkpoint, token count)."""
+    cols = columns_for(results)
+    lines = [[get(r, row) for _, _, get, _ in cols] for r in results for row in r["rows"]]
+    return [c[0] for c in cols], lines
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2, allow_nan=True))
+
+
+def write_csv(results: list[dict], path: str | Path) -> None:
+    keys, lines = table(results)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(keys)
+        for line in lines:
+            writer.writerow([_csv_value(v) for v in line])
+
+
+def markdown_table(results: list[dict]) -> str:
+    cols = columns_for(results)
+    out = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in results:
+        for row in r["rows"]:
+            out.append("| " + " | ".join(fmt(get(r, row)) for _, _, get, fmt in cols) + " |")
+    return "\n".join(out)
+
+
+def write_markdown(results: list[dict], path: str | Path, plots: dict[str, str], notes: list[str]) -> None:
+    conventions = results[0]["conventions"] if results else {}
+    lines = ["# Tokenizer comparison", "", markdown_table(results), ""]
+    lines += ["## How the numbers were computed", ""]
+    lines += [f"- **{k}**: {v}" for k, v in conventions.items()]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "## Checkpoints", ""]
+    for r in results:
+        lines.append(f"- `{r['run']}`: {r['checkpoint']} ({r['facts']['family']}, "
+                     f"{'discrete' if r['facts']['discrete'] else 'continuous'}, codebooks "
+                     f"{r['facts']['codebook_sizes'] or NOT_APPLICABLE}, token grid {_shape(r['facts']['token_shape'])})")
+        gen = r.get("generation")
+        if gen:
+            lines.append(f"  - generator {gen['checkpoint']}: gFID {_num(gen['gfid'], 2)} from {gen['num_samples']} "
+                         f"samples ({gen['sampling']}) against {gen['reference']}")
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{name}]({file})" for name, file in plots.items()]
+    Path(path).write_text("\n".join(lines) + "\n")
