@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -14,6 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 from training.checkpoints import LAST, AtomicCheckpointIO, checkpoint_dir, load_weights_into, resolve_resume
 
 log = logging.getLogger(__name__)
+
+# Lightning notices that do not apply to this loop (manual optimization is deliberate,
+# the EMA copy and frozen teachers/LPIPS are in eval mode on purpose).
+for _message in (
+    r".*Using ModelCheckpoint with manual optimization.*",
+    r".*module\(s\) in eval mode.*",
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*does not have many workers.*",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def _optional(cfg: DictConfig, key: str):
