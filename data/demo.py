@@ -126,7 +126,12 @@ def ensure_demo_shards(root: str | os.PathLike, crop_px: int, train_crops: int, 
         shutil.rmtree(temporary, ignore_errors=True)
         try:
             write_demo_shards(temporary, crop_px, train_crops, val_crops, seed)
-            os.replace(temporary, root)  # atomic: readers see all shards or none
+            try:
+                os.replace(temporary, root)  # atomic: readers see all shards or none
+            except OSError:
+                # A writer on another node (where the file lock does not reach) won the race.
+                if not (root / INDEX_FILE).exists():
+                    raise
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
         log.info("Wrote demo shards to %s in %.1f s.", root, time.perf_counter() - started)

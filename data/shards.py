@@ -40,7 +40,7 @@ import re
 import sys
 import tarfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import braceexpand
 import webdataset as wds

@@ -131,14 +131,18 @@ class FixedCountBatches:
     ``PADDING_LABEL``, zero image) from ``real`` to ``total``. Every rank thus yields the
     same number of batches, even when some of its samples were unreadable."""
 
-    def __init__(self, loader, real: int, total: int, batch_size: int, resolution: int):
+    def __init__(self, loader, real: int, total: int, batch_size: int, resolution: int, pin_memory: bool = False):
         self.loader, self.real, self.total = loader, real, total
-        self.batch_size, self.resolution = batch_size, resolution
+        self.batch_size, self.resolution, self.pin_memory = batch_size, resolution, pin_memory
 
     def __len__(self) -> int:
         return math.ceil(self.total / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self._batches():
+            yield (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         size = self.resolution
         images, labels = torch.empty(0, 3, size, size), torch.empty(0, dtype=torch.int64)
         received = 0
@@ -313,7 +317,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
             wds.batched(self.val_batch_size, collation_fn=collate, partial=True),
         )
         workers = min(self.num_workers, len(segments))
-        loader = wds.WebLoader(
-            pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0, pin_memory=self.pin_memory
+        # Not pinned here: FixedCountBatches re-batches (copies) and pins its own output.
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        return FixedCountBatches(
+            loader, split.stop - split.start, split.per_rank, self.val_batch_size, self.resolution, self.pin_memory
         )
-        return FixedCountBatches(loader, split.stop - split.start, split.per_rank, self.val_batch_size, self.resolution)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +325,53 @@ def test_demo_config_instantiates_with_smoke_overrides(tmp_path):
     dm = instantiate(cfg.data)
     assert (dm.resolution, dm.batch_size, dm.num_workers) == (32, 4, 0)
     assert str(dm.root).startswith(str(tmp_path / "demo_shards"))
+
+
+# ----------------------------------------------------------------------------- real DDP (slow)
+
+DDP_SCRIPT = '''
+import json, sys, torch, pytorch_lightning as pl
+from data.webdataset_module import WebDatasetDataModule
+
+class Recorder(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer, self.train_batches, self.val_labels = torch.nn.Linear(3, 1), 0, []
+    def training_step(self, batch, index):
+        self.train_batches += 1
+        loss = self.layer(batch[0].mean((2, 3))).pow(2).mean()
+        self.log("loss", loss, sync_dist=True)  # a collective every step: unequal ranks would hang
+        return loss
+    def validation_step(self, batch, index):
+        self.val_labels += batch[1].tolist()
+        self.log("val", batch[0].mean(), sync_dist=True)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+root, out = sys.argv[1], sys.argv[2]
+data = WebDatasetDataModule(root, resolution=16, batch_size=4, num_workers=2, train_batches_per_epoch=3,
+                            shuffle_buffer=8, val_remainder="pad")
+model = Recorder()
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+trainer.fit(model, datamodule=data)
+json.dump({"train": model.train_batches, "val": model.val_labels}, open(f"{out}/rank{trainer.global_rank}.json", "w"))
+'''
+
+
+@pytest.mark.slow
+def test_lightning_ddp_ranks_stay_in_step_and_split_validation(tmp_path):
+    write_indexed_shards(tmp_path, "train", count=16, maxcount=4)
+    write_indexed_shards(tmp_path, "val", count=13, maxcount=5)
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "ddp.py"), str(tmp_path), str(tmp_path)],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["train"] for r in ranks] == [6, 6]  # 3 batches per rank per epoch, 2 epochs
+    labels = ranks[0]["val"] + ranks[1]["val"]  # 2 epochs: every val sample twice in total, once per epoch
+    assert sorted(label for label in labels if label != PADDING_LABEL) == sorted(list(range(13)) * 2)
+    assert len(ranks[0]["val"]) == len(ranks[1]["val"])  # 7 per rank per epoch, one of them padding
