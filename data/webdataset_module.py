@@ -228,6 +228,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
         self._val_counts: list[int] | None = None
+        self._val_spec = None
 
     # ---------------------------------------------------------------- facts
 
@@ -247,9 +248,11 @@ class WebDatasetDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self._train_urls is None:
             self._train_urls = expand_shards(self.root, self.train_shards)
-        if stage in (None, "fit", "validate") and self._val_urls is None and self.val_shards is not None:
+        wants_val = stage in (None, "fit", "validate") and self.val_shards is not None
+        if wants_val and (self._val_urls is None or self._val_spec != self.val_shards):
             self._val_urls = expand_shards(self.root, self.val_shards)
             self._val_counts = shard_sample_counts(self._val_urls, self.root)
+            self._val_spec = self.val_shards  # re-resolved if someone points val_shards elsewhere
 
     def batches_per_epoch(self) -> int:
         if self.train_batches_per_epoch is not None:
@@ -299,7 +302,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> FixedCountBatches | list:
         if self.val_shards is None:
             return []  # no validation split configured: Lightning skips validation
-        if self._val_urls is None:
+        if self._val_urls is None or self._val_spec != self.val_shards:
             self.setup("validate")
         rank, world_size = self.rank_and_world_size()
         self.val_split = split = split_for_rank(sum(self._val_counts), rank, world_size, self.val_remainder)
