@@ -42,7 +42,6 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import braceexpand
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
@@ -77,8 +76,7 @@ def expand_shards(root: str | os.PathLike | None, spec: str | Sequence[str]) -> 
     """
     entries: list[str] = []
     for part in [spec] if isinstance(spec, str) else list(spec):
-        for alternative in str(part).split("::"):
-            entries.extend(braceexpand.braceexpand(alternative))
+        entries.extend(wds.shardlists.expand_urls(str(part)))  # "::" alternatives and brace ranges
     shards: list[str] = []
     for entry in entries:
         if not _is_url(entry) and not os.path.isabs(entry) and root is not None:
