@@ -1,0 +1,1 @@
+"""Hydra launcher plugins of this project (see launchers.py)."""
