@@ -59,16 +59,16 @@ def _sincos_1d(dim: int, positions: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def sincos_2d(dim: int, height: int, width: int) -> Tensor:
+def sincos_2d(dim: int, height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
     """Fixed 2D sin-cos embedding (MAE / DiT style), (height * width, dim) float32, row-major.
 
-    Half of the channels encode the row, half the column. Cached per shape (CPU; move
-    with ``.to``)."""
+    Half of the channels encode the row, half the column. Cached per (shape, device):
+    do not modify the result in place."""
     if dim % 4:
         raise ValueError(f"sincos_2d needs a width divisible by 4, got {dim}.")
     rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     emb = torch.cat([_sincos_1d(dim // 2, rows.flatten()), _sincos_1d(dim // 2, cols.flatten())], dim=1)
-    return emb.float()
+    return emb.float().to(device)
 
 
 class Rope2D(nn.Module):
@@ -148,16 +148,14 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
-
-
 class AdaLNModulation(nn.Module):
     """Conditioning vector (B, C) -> ``chunks`` modulation tensors, zero-initialised.
 
-    With ``groups > 1`` there is one set per token group (e.g. FlexTok's patches vs
-    registers); ``forward(cond, token_groups)`` then expands them to (B, N, dim) with the
-    (N,) long tensor ``token_groups``. With one group they are (B, 1, dim) and broadcast.
+    With ``groups > 1`` there is one set per contiguous token segment (e.g. FlexTok's
+    [patches, registers]): each tensor is (B, groups, dim) and ``modulate`` / ``gated``
+    apply set g to segment g given the segment sizes. Per-segment application keeps
+    memory at one activation (expanding the sets to (B, N, dim) per token would keep
+    six extra activations per block alive for the backward pass).
     """
 
     def __init__(self, cond_dim: int, dim: int, chunks: int, groups: int = 1):
@@ -167,13 +165,30 @@ class AdaLNModulation(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, cond: Tensor, token_groups: Tensor | None = None) -> list[Tensor]:
+    def forward(self, cond: Tensor) -> list[Tensor]:
         mod = self.linear(F.silu(cond)).view(cond.shape[0], self.groups, self.chunks, self.dim)
-        if self.groups > 1:
-            if token_groups is None:
-                raise ValueError("this block has per-group modulation: pass token_groups (N,) with group ids.")
-            mod = mod[:, token_groups]  # (B, N, chunks, dim)
-        return list(mod.unbind(dim=2))
+        return list(mod.unbind(dim=2))  # each (B, groups, dim)
+
+
+def _per_segment(fn, x: Tensor, params: tuple[Tensor, ...], sizes: tuple[int, ...] | None) -> Tensor:
+    """Apply ``fn(segment, *params[:, g:g+1])`` to each segment g of x along the tokens."""
+    groups = params[0].shape[1]
+    if groups == 1:
+        return fn(x, *params)
+    if sizes is None or len(sizes) != groups or sum(sizes) != x.shape[1]:
+        raise ValueError(f"per-segment modulation with {groups} groups needs segment sizes summing to "
+                         f"{x.shape[1]} tokens, got {sizes}.")
+    parts = x.split(list(sizes), dim=1)
+    return torch.cat([fn(part, *(p[:, g : g + 1] for p in params)) for g, part in enumerate(parts)], dim=1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, sizes: tuple[int, ...] | None = None) -> Tensor:
+    """x * (1 + scale) + shift, with (B, 1, D) or per-segment (B, G, D) parameters."""
+    return _per_segment(lambda seg, b, a: seg * (1 + a) + b, x, (shift, scale), sizes)
+
+
+def gated(x: Tensor, gate: Tensor, sizes: tuple[int, ...] | None = None) -> Tensor:
+    return _per_segment(lambda seg, g: seg * g, x, (gate,), sizes)
 
 
 class Block(nn.Module):
@@ -196,15 +211,18 @@ class Block(nn.Module):
         self.modulation = AdaLNModulation(cond_dim, dim, 6, adaln_groups) if cond_dim is not None else None
 
     def forward(self, x: Tensor, cond: Tensor | None = None, mask: Tensor | None = None,
-                rope: tuple[Tensor, Tensor] | None = None, token_groups: Tensor | None = None) -> Tensor:
+                rope: tuple[Tensor, Tensor] | None = None, segments: tuple[int, ...] | None = None) -> Tensor:
+        """``segments``: token counts of the contiguous groups when ``adaln_groups > 1``."""
         if self.modulation is None:
             x = x + self.attn(self.norm1(x), mask=mask, rope=rope)
             return x + self.mlp(self.norm2(x))
         if cond is None:
             raise ValueError("this block is adaLN-conditioned: pass cond (B, cond_dim).")
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond, token_groups)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), mask=mask, rope=rope)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)
+        h = self.attn(modulate(self.norm1(x), shift1, scale1, segments), mask=mask, rope=rope)
+        x = x + gated(h, gate1, segments)
+        h = self.mlp(modulate(self.norm2(x), shift2, scale2, segments))
+        return x + gated(h, gate2, segments)
 
 
 class FinalLayer(nn.Module):
@@ -218,9 +236,9 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, x: Tensor, cond: Tensor, token_groups: Tensor | None = None) -> Tensor:
-        shift, scale = self.modulation(cond, token_groups)
-        return self.linear(modulate(self.norm(x), shift, scale))
+    def forward(self, x: Tensor, cond: Tensor, segments: tuple[int, ...] | None = None) -> Tensor:
+        shift, scale = self.modulation(cond)
+        return self.linear(modulate(self.norm(x), shift, scale, segments))
 
 
 class TimestepEmbedder(nn.Module):

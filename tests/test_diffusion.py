@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusion import flow
-from diffusion.blocks import (Attention, Block, FinalLayer, Rope2D, apply_rope, patchify,
+from diffusion.blocks import (Attention, Block, FinalLayer, Rope2D, apply_rope, modulate, patchify,
                               prefix_causal_mask, sincos_2d, unpatchify)
 from diffusion.generator import LatentDiT
 
@@ -35,11 +35,23 @@ def test_adaln_zero_block_is_identity_at_init():
     assert torch.equal(block(x, cond=cond), x)
 
 
-def test_adaln_zero_block_with_token_groups_is_identity_at_init():
+def test_adaln_zero_block_with_segments_is_identity_at_init():
     block = Block(32, 4, cond_dim=16, adaln_groups=2)
     x, cond = torch.randn(2, 5, 32), torch.randn(2, 16)
-    groups = torch.tensor([0, 0, 0, 1, 1])
-    assert torch.equal(block(x, cond=cond, token_groups=groups), x)
+    assert torch.equal(block(x, cond=cond, segments=(3, 2)), x)
+
+
+def test_segment_modulation_applies_each_set_to_its_own_tokens():
+    x = torch.ones(1, 5, 2)
+    shift = torch.tensor([[[1.0, 1.0], [-1.0, -1.0]]])  # (B, groups=2, D)
+    out = modulate(x, shift, torch.zeros_like(shift), sizes=(3, 2))
+    assert torch.equal(out[0, :, 0], torch.tensor([2.0, 2.0, 2.0, 0.0, 0.0]))
+
+
+def test_segment_modulation_rejects_sizes_that_do_not_cover_the_tokens():
+    shift = torch.zeros(1, 2, 2)
+    with pytest.raises(ValueError, match="segment sizes"):
+        modulate(torch.ones(1, 5, 2), shift, shift, sizes=(3, 1))
 
 
 def test_final_layer_outputs_zero_at_init():

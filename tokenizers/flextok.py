@@ -223,7 +223,7 @@ class FlexTokEncoder(nn.Module):
         b, _, h, w = latents.shape
         p = self.patch_size
         patches = self.patch_embed(patchify(latents, p).to(self.patch_embed.weight.dtype))
-        patches = patches + sincos_2d(self.width, h // p, w // p).to(patches)
+        patches = patches + sincos_2d(self.width, h // p, w // p, patches.device).to(patches.dtype)
         return torch.cat([patches, self.registers.to(patches.dtype).expand(b, -1, -1)], dim=1)
 
     def transformer(self, tokens: Tensor, num_patches: int) -> Tensor:
@@ -242,8 +242,6 @@ class FlexTokEncoder(nn.Module):
 
 class FlexTokDecoder(nn.Module):
     """Rectified-flow transformer: (x_t, t, register codes) -> velocity (B, C, h, w)."""
-
-    PATCH, REGISTER = 0, 1  # token groups with their own adaLN modulation
 
     def __init__(self, latent_channels: int, patch_size: int = 2, width: int = 768, depth: int = 12,
                  head_dim: int = 64, num_registers: int = 256, code_dim: int = 6, mlp_ratio: float = 4.0):
@@ -264,15 +262,6 @@ class FlexTokDecoder(nn.Module):
             for _ in range(depth)
         )
         self.final = FinalLayer(width, latent_channels * patch_size**2, cond_dim=width)
-        self._group_cache: dict[tuple, Tensor] = {}
-
-    def token_groups(self, num_patches: int, device) -> Tensor:
-        key = (num_patches, str(device))
-        if key not in self._group_cache:
-            groups = torch.full((num_patches + self.num_registers,), self.REGISTER, dtype=torch.long, device=device)
-            groups[:num_patches] = self.PATCH
-            self._group_cache[key] = groups
-        return self._group_cache[key]
 
     def register_tokens(self, codes: Tensor, keep: Tensor, null: Tensor) -> Tensor:
         """FSQ codes (B, R, code_dim) -> register tokens with nested dropout and the null condition."""
@@ -287,14 +276,14 @@ class FlexTokDecoder(nn.Module):
         b, c, h, w = x_t.shape
         p = self.patch_size
         patches = self.patch_embed(patchify(x_t, p).to(self.patch_embed.weight.dtype))
-        patches = patches + sincos_2d(self.width, h // p, w // p).to(patches)
+        patches = patches + sincos_2d(self.width, h // p, w // p, patches.device).to(patches.dtype)
         n = patches.shape[1]
         x = torch.cat([patches, self.register_tokens(codes, keep, null)], dim=1)
         cond = self.t_embed(t)
-        groups = self.token_groups(n, x.device)
+        segments = (n, self.num_registers)  # patches and registers get their own adaLN modulation
         features = None
         for i, block in enumerate(self.blocks, start=1):
-            x = block(x, cond=cond, token_groups=groups)
+            x = block(x, cond=cond, segments=segments)
             if i == features_at:
                 features = x[:, :n]
         out = self.final(x[:, :n], cond)
