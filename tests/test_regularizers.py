@@ -142,7 +142,7 @@ def test_scale_equivariance_compares_decoded_downsampled_latent_with_downsampled
     x = torch.randn(2, 3, 16, 16)
     out = TokenizerOutput(tok.decode_latents(z), latents=z)
     spy = SpyLoss()
-    reg = ScaleEquivariance(weight=0.25, factors=[factor])
+    reg = ScaleEquivariance(weight=0.25, factors=[factor], min_image_size=1)
     term = reg(tok, x, out, spy)
     recon, target = spy.calls[0]
     assert torch.allclose(recon, tok.decode_latents(scale(z, 8 // factor)))
@@ -153,7 +153,7 @@ def test_scale_equivariance_compares_decoded_downsampled_latent_with_downsampled
 def test_scale_equivariance_is_zero_for_an_identity_tokenizer():
     tok = ToyTokenizer()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    term = ScaleEquivariance(factors=[2, 4])(tok, x, tok(x), F.mse_loss)
+    term = ScaleEquivariance(factors=[2, 4], min_image_size=1)(tok, x, tok(x), F.mse_loss)
     assert term["scale_equivariance"].item() == pytest.approx(0.0, abs=1e-10)
 
 
@@ -161,7 +161,24 @@ def test_scale_equivariance_rejects_a_latent_grid_smaller_than_the_factor():
     tok = ToyTokenizer()
     x = torch.rand(1, 3, 2, 2)
     with pytest.raises(ValueError, match="factors"):
-        ScaleEquivariance(factors=[4])(tok, x, tok(x), F.mse_loss)
+        ScaleEquivariance(factors=[4], min_image_size=1)(tok, x, tok(x), F.mse_loss)
+
+
+def test_scale_equivariance_skips_factors_that_leave_images_below_min_size():
+    reg = ScaleEquivariance(factors=[2, 4], min_image_size=16)
+    assert reg.usable_factors((8, 8), (64, 64)) == (2, 4)
+    assert reg.usable_factors((8, 8), (32, 32)) == (2,)
+    with pytest.raises(ValueError, match="min_image_size"):
+        reg.usable_factors((8, 8), (16, 16))
+
+
+def test_eq_vae_raises_small_scales_to_keep_min_image_size():
+    reg = EQVAE(scale_range=(0.25, 0.25), modes=("scale",), min_image_size=16)
+    t = reg.sample_transform((8, 8), (32, 32))  # 4 px per token: >= 4 tokens needed
+    assert t.scale_factor == pytest.approx(0.5)
+    assert t.latent_size(8, 8) == (4, 4)
+    t = reg.sample_transform((8, 8), (128, 128))
+    assert t.scale_factor == pytest.approx(0.25)
 
 
 def test_regularizers_reject_non_spatial_latents_with_the_fix():
@@ -196,7 +213,7 @@ def test_regularizers_train_the_decoder_through_the_contract(build):
     tok = build()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     out = tok(x)
-    for reg in (ScaleEquivariance(factors=[2, 4]), EQVAE(probability=1.0)):
+    for reg in (ScaleEquivariance(factors=[2, 4], min_image_size=4), EQVAE(probability=1.0, min_image_size=4)):
         (loss,) = reg(tok, x, out, F.l1_loss).values()
         grad = torch.autograd.grad(loss, tok.decoder_last_layer(), retain_graph=True)[0]
         assert grad.abs().sum() > 0

@@ -11,6 +11,8 @@ latents and images, so the claim "decode(T z) should equal T x" is testable in i
 """
 from __future__ import annotations
 
+import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizers.contract import Tokenizer, TokenizerOutput
+
+log = logging.getLogger(__name__)
 
 ReconstructionLoss = Callable[[Tensor, Tensor], Tensor]
 
@@ -78,7 +82,13 @@ class ScaleEquivariance(Regularizer):
     a short fine-tune (10-20k steps); the weight and factors are unpublished, hence config.
     """
 
-    def __init__(self, weight: float = 1.0, factors: Sequence[int] | int = (2, 4), antialias: bool = True):
+    def __init__(
+        self,
+        weight: float = 1.0,
+        factors: Sequence[int] | int = (2, 4),
+        antialias: bool = True,
+        min_image_size: int = 16,
+    ):
         super().__init__()
         factors = (factors,) if isinstance(factors, int) else tuple(int(f) for f in factors)
         if not factors or any(f < 2 for f in factors):
@@ -86,19 +96,37 @@ class ScaleEquivariance(Regularizer):
         self.weight = weight
         self.factors = factors
         self.antialias = antialias
+        # LPIPS-VGG needs >= 16 px (four 2x max-pools): smaller targets break the perceptual loss
+        self.min_image_size = min_image_size
+        self._warned: set[tuple[int, int]] = set()
 
-    def sample_factor(self) -> int:
-        return random.choice(self.factors)
+    def usable_factors(self, latent_hw: Sequence[int], image_hw: Sequence[int]) -> tuple[int, ...]:
+        """Factors that leave at least a 1x1 latent and ``min_image_size`` pixels."""
+        usable = tuple(
+            f for f in self.factors
+            if min(latent_hw) >= f and min(image_hw) // f >= self.min_image_size
+        )
+        if not usable:
+            raise ValueError(
+                f"no scale-equivariance factor in {list(self.factors)} fits a {latent_hw[0]}x{latent_hw[1]} latent "
+                f"and {image_hw[0]}x{image_hw[1]} images (each needs a latent of >= 1 token and images of >= "
+                f"{self.min_image_size} px after downsampling). Fix: use larger images, regularizer.factors=[2], "
+                "or lower regularizer.min_image_size (only with a pixel-only loss)."
+            )
+        key = (min(latent_hw), min(image_hw))
+        if len(usable) < len(self.factors) and key not in self._warned:
+            self._warned.add(key)
+            log.warning("scale_equivariance: factors %s skipped at %s px images (min_image_size %d).",
+                        sorted(set(self.factors) - set(usable)), image_hw[0], self.min_image_size)
+        return usable
+
+    def sample_factor(self, usable: Sequence[int] | None = None) -> int:
+        return random.choice(tuple(usable) if usable else self.factors)
 
     def forward(self, tokenizer, images, output, reconstruction_loss):
         z = _spatial_latents(output, "scale_equivariance")
-        factor = self.sample_factor()
         h, w = z.shape[-2:]
-        if h < factor or w < factor:
-            raise ValueError(
-                f"latent grid {h}x{w} is smaller than the downsampling factor {factor}. "
-                f"Fix: use larger images or regularizer.factors=[2] (factors now {list(self.factors)})."
-            )
+        factor = self.sample_factor(self.usable_factors((h, w), images.shape[-2:]))
         z_small = scale(z, (h // factor, w // factor), self.antialias)
         recon = tokenizer.decode_latents(z_small)
         target = scale(images, recon.shape[-2:], self.antialias)
@@ -146,6 +174,7 @@ class EQVAE(Regularizer):
         rotations: Sequence[int] = (1, 2, 3),
         modes: Sequence[str] = ("scale", "rotate", "scale_rotate"),
         antialias: bool = True,
+        min_image_size: int = 16,
     ):
         super().__init__()
         bad = set(modes) - {"scale", "rotate", "scale_rotate"}
@@ -159,11 +188,25 @@ class EQVAE(Regularizer):
         self.rotations = tuple(int(k) for k in rotations)
         self.modes = tuple(modes)
         self.antialias = antialias
+        # LPIPS-VGG needs >= 16 px: small scales are raised so the decoded image keeps this size
+        self.min_image_size = min_image_size
 
-    def sample_transform(self) -> LatentTransform:
+    def sample_transform(self, latent_hw: Sequence[int] | None = None, image_hw: Sequence[int] | None = None) -> LatentTransform:
+        """Draw a transform; with the latent and image sizes, a scale is raised where needed
+        so that the decoded image keeps ``min_image_size`` pixels (dropped if even s = 1
+        cannot)."""
         mode = random.choice(self.modes)
         s = random.uniform(*self.scale_range) if "scale" in mode else None
         k = random.choice(self.rotations) if "rotate" in mode else 0
+        if s is not None and latent_hw is not None and image_hw is not None:
+            h = min(latent_hw)
+            pixels_per_token = min(image_hw) / h
+            min_tokens = math.ceil(self.min_image_size / pixels_per_token)
+            s = max(s, min_tokens / h)
+            if s > 1.0:
+                s = None
+        if s is None and k == 0:
+            k = random.choice(self.rotations) if self.rotations else 0
         return LatentTransform(scale_factor=s, k=k)
 
     def transformed_loss(self, tokenizer, images, latents, reconstruction_loss, transform: LatentTransform):
@@ -179,5 +222,8 @@ class EQVAE(Regularizer):
         z = _spatial_latents(output, "eq_vae")
         if random.random() >= self.probability:
             return {}
-        loss = self.transformed_loss(tokenizer, images, z, reconstruction_loss, self.sample_transform())
+        transform = self.sample_transform(z.shape[-2:], images.shape[-2:])
+        if transform.scale_factor is None and transform.k == 0:
+            return {}
+        loss = self.transformed_loss(tokenizer, images, z, reconstruction_loss, transform)
         return {"eq_vae": self.weight * loss}
