@@ -1,6 +1,7 @@
 """webdataset datamodule for ImageNet-style shards (``<key>.jpg|png|webp`` + ``<key>.cls``).
 
-Training: shards are drawn with replacement (``resampled=True``), so every rank and
+Training: every rank takes its own shards (every world_size-th) and draws from them
+with replacement (``resampled=True``), so ranks see disjoint samples, every rank and
 every worker has an endless stream and none can run dry; a shuffle buffer mixes
 samples across shards; the loader stops after exactly ``train_batches_per_epoch``
 batches on every rank (``with_epoch``), which keeps the ranks in step.
@@ -274,12 +275,23 @@ class WebDatasetDataModule(pl.LightningDataModule):
             self.setup("fit")
         rank, world_size = self.rank_and_world_size()
         batches = self.batches_per_epoch()
+        urls, nodesplitter = self._train_urls, NodeSplitter(rank, world_size)
+        if len(urls) >= world_size:
+            # Each rank resamples only its own shards (every world_size-th): ranks never
+            # read the same sample, and no rank can run dry.
+            urls, nodesplitter = urls[rank::world_size], None
+        elif rank == 0:
+            log.warning("Only %d training shards for %d ranks: ranks resample the same shards and may see "
+                        "the same samples. Write more shards (python -m data.shards --maxcount ...).",
+                        len(urls), world_size)
+        log.info("Training shards for rank %d/%d: %s", rank, world_size,
+                 ", ".join(os.path.basename(str(u)) for u in urls) if nodesplitter is None else "all (shared)")
         dataset = (
             wds.WebDataset(
-                self._train_urls,
+                urls,
                 resampled=True,
                 shardshuffle=False,  # resampling already draws shards at random
-                nodesplitter=NodeSplitter(rank, world_size),
+                nodesplitter=nodesplitter,
                 workersplitter=wds.split_by_worker,
                 handler=self.skips.handler,
             )

@@ -19,10 +19,3 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     yield
 
 
-def run_train(args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
-    """Runs ``python train.py ARGS`` as a user would; returns the CompletedProcess."""
-    import subprocess
-
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)

@@ -256,3 +256,40 @@ def test_teacher_random_switches_the_branch_teachers():
     assert cfg.tokenizer.branches.dino.teacher.random is True
     cfg = compose_tokenizer("fqgan_triple", "smoke", teacher_random=False)
     assert cfg.tokenizer.branches.clip.teacher.random is False
+
+
+# -- gathering negatives across ranks (two gloo processes) ---------------------------------------
+
+
+def _gather_worker(rank: int, world: int, init_file: str, out_dir: str):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    preds = torch.randn(world, 3, 6, generator=g)
+    targets = torch.randn(world, 3, 6, generator=g)
+    pred = preds[rank].clone().requires_grad_(True)
+    loss, _ = semantic_loss(pred, targets[rank], gather_negatives=True)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": pred.grad}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gathered_negatives_are_all_ranks_targets_with_the_local_gradient(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_gather_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    g = torch.Generator().manual_seed(0)
+    preds = torch.randn(world, 3, 6, generator=g)
+    targets = torch.randn(world, 3, 6, generator=g)
+    all_targets = F.normalize(targets.reshape(-1, 6), dim=-1)
+    for rank in range(world):
+        pred = preds[rank].clone().requires_grad_(True)
+        logits = F.normalize(pred, dim=-1) @ all_targets.t()
+        expected = F.cross_entropy(logits, torch.arange(3) + 3 * rank)
+        expected.backward()
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+        torch.testing.assert_close(got["grad"], pred.grad, atol=1e-6, rtol=1e-5)

@@ -183,7 +183,8 @@ class TokenizerModule(pl.LightningModule):
         self.log("loss", total.detach().float(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         skipped = getattr(getattr(self.trainer, "datamodule", None), "skipped_samples", None)
         if callable(skipped):
-            self.log("data/skipped", float(skipped()), on_step=True, on_epoch=False)
+            self.log("data/skipped", float(skipped()), on_step=True, on_epoch=False, sync_dist=True,
+                     reduce_fx="sum")  # per rank in the data module; summed over ranks here
         return total.detach()
 
     def _skip_step(self, opt_g) -> None:
@@ -212,6 +213,11 @@ class TokenizerModule(pl.LightningModule):
     # -- validation ---------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int):
         images = batch[0]
+        if len(batch) > 1 and (batch[1] < 0).any():
+            # label -1 marks padding rows that keep ranks in step (data.common.PADDING_LABEL)
+            images = images[batch[1] >= 0]
+            if images.shape[0] == 0:
+                return
         model = self.eval_tokenizer
         out = model(images)
         metrics: dict[str, Tensor] = {}
