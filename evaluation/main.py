@@ -111,7 +111,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         checkpoints += [c for c in dict.fromkeys(gen_tokenizers) if c not in checkpoints]
 
     grid_inputs = first_images(validation_batches(datamodule, limit), int(cfg.grid_images)) if is_main() else None
-    results, grid_rows, names = [], [], set()
+    results, grid_rows, names, samples = [], [], set(), []
     for checkpoint in checkpoints:
         tokenizer, saved_cfg = load_tokenizer(checkpoint, ema=bool(cfg.ema))
         name = run_name(saved_cfg, checkpoint, names)
@@ -139,15 +139,17 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         for generator, tok_ckpt in zip(generators, gen_tokenizers):
             gen = evaluate_generator(resolve_checkpoint(generator), cfg, device=device, make_fid=make_fid)
             target = next(r for r in results if r["checkpoint"] == tok_ckpt)
+            samples.append((f"{target['run']}\ngenerator", gen.pop("preview")))
             target["generation"] = gen
 
     if is_main():
-        write_outputs(results, out, grid_inputs, grid_rows, cfg)
+        write_outputs(results, out, grid_inputs, grid_rows, cfg, samples)
     barrier()
     return results
 
 
-def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: DictConfig) -> dict[str, str]:
+def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: DictConfig,
+                  samples: list | None = None) -> dict[str, str]:
     for r in results:
         report.write_json(r, out / f"{r['run']}.json")
     report.write_csv(results, out / "report.csv")
@@ -158,6 +160,9 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
     plots.spectra(results, out / files["DCT spectra"])
     if plots.codebook_usage(results, out / "codebook_usage.png"):
         files["codebook usage"] = "codebook_usage.png"
+    if samples:
+        plots.image_rows(samples, out / "generated_samples.png")
+        files["generated samples (gFID)"] = "generated_samples.png"
     notes = []
     if bool(cfg.metrics.fid.random_features) or any("RANDOM" in r["conventions"]["LPIPS"] for r in results):
         notes.append("**SMOKE RUN**: random feature networks; rFID / LPIPS values only check the pipeline.")

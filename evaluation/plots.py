@@ -19,14 +19,19 @@ def _label(result: dict, row: dict | None = None) -> str:
 
 def reconstruction_grid(inputs: torch.Tensor, reconstructions: list[tuple[str, torch.Tensor]], path: str | Path) -> None:
     """Rows: the inputs, then each tokenizer's reconstruction of the same inputs."""
-    rows = [("input", inputs)] + list(reconstructions)
-    n = inputs.shape[0]
+    image_rows([("input", inputs)] + list(reconstructions), path)
+
+
+def image_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path) -> None:
+    """One labelled row of images in [-1, 1] per entry (same count per row)."""
+    n = max(images.shape[0] for _, images in rows)
     fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n + 1.6, 1.3 * len(rows)), squeeze=False)
     for i, (name, images) in enumerate(rows):
         pictures = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         for j in range(n):
             ax = axes[i][j]
-            ax.imshow(pictures[j], interpolation="nearest")
+            if j < len(pictures):
+                ax.imshow(pictures[j], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:
@@ -69,7 +74,9 @@ def spectra(results: list[dict], path: str | Path) -> None:
         ax.plot(np.arange(len(bands)), bands, "k--", linewidth=2,
                 label=f"RGB images (HF {results[0]['spectrum']['images']['high_frequency_share']:.3f})")
     for r in results:
-        latent = r["spectrum"]["latent"]
+        latent = r["spectrum"].get("latent")
+        if latent is None:  # no spatial latent (FlexTok)
+            continue
         ax.plot(np.arange(len(latent["bands"])), latent["bands"], marker="o",
                 label=f"{r['run']} latent (HF {latent['high_frequency_share']:.3f})")
     ax.set_yscale("log")

@@ -26,11 +26,17 @@ def _num(x: Any, digits: int) -> str:
 def _per_codebook(values: list[float] | None, digits: int) -> str:
     if values is None:
         return NOT_APPLICABLE
-    return " / ".join(f"{v:.{digits}f}" for v in values)
+    # tiny usages (a few codes of a 64k FSQ codebook) would print as 0.000
+    return " / ".join(f"{v:.{digits}f}" if v == 0 or abs(v) >= 10**-digits else f"{v:.1e}" for v in values)
 
 
 def _shape(shape) -> str:
-    return "x".join(str(s) for s in shape)
+    return NOT_APPLICABLE if shape is None else "x".join(str(s) for s in shape)
+
+
+def _latent_hf(result: dict) -> float | None:
+    latent = result["spectrum"].get("latent")
+    return None if latent is None else latent["high_frequency_share"]
 
 
 # (csv key, markdown header, value from (result, row), markdown formatter)
@@ -49,7 +55,7 @@ COLUMNS: list[Column] = [
     ("lpips", "LPIPS", lambda r, row: row["lpips"], lambda v: _num(v, 3)),
     ("codebook_usage", "usage", lambda r, row: row["codebook_usage"], lambda v: _per_codebook(v, 3)),
     ("perplexity", "perplexity", lambda r, row: row["perplexity"], lambda v: _per_codebook(v, 1)),
-    ("latent_hf_share", "latent HF", lambda r, row: r["spectrum"]["latent"]["high_frequency_share"], lambda v: _num(v, 3)),
+    ("latent_hf_share", "latent HF", lambda r, row: _latent_hf(r), lambda v: _num(v, 3)),
     ("image_hf_share", "image HF", lambda r, row: r["spectrum"]["images"]["high_frequency_share"], lambda v: _num(v, 3)),
     ("encode_images_per_s", "enc img/s", lambda r, row: row["encode_images_per_s"], lambda v: _num(v, 1)),
     ("decode_images_per_s", "dec img/s", lambda r, row: row["decode_images_per_s"], lambda v: _num(v, 1)),
@@ -117,8 +123,8 @@ def write_markdown(results: list[dict], path: str | Path, plots: dict[str, str],
                      f"{r['facts']['codebook_sizes'] or NOT_APPLICABLE}, token grid {_shape(r['facts']['token_shape'])})")
         gen = r.get("generation")
         if gen:
-            lines.append(f"  - generator {gen['checkpoint']}: gFID {_num(gen['gfid'], 2)} from {gen['num_samples']} "
-                         f"samples ({gen['sampling']}) against {gen['reference']}")
+            lines.append(f"  - generator {gen['checkpoint']}: gFID {_num(gen['gfid'], 2)} ({gen['note']}) "
+                         f"sampling: {gen['sampling']}; against {gen['reference']}")
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({file})" for name, file in plots.items()]

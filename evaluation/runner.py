@@ -126,6 +126,7 @@ def evaluate_tokenizer(
     image_size = None
     encode_seconds, encode_images, batch_index = 0.0, 0, 0
     encode_warmup = (0.0, 0)
+    has_latent, latent_shape_seen = True, None
     spectrum_sums = {"latent": None, "images": None}
     spectrum_counts = {"latent": 0.0, "images": 0.0}
     hf_sums = {"latent": 0.0, "images": 0.0}
@@ -188,16 +189,22 @@ def evaluate_tokenizer(
             if row.usage is not None:
                 row.usage.update(_prefix(index_maps, k))
 
-        with autocast:
-            latents = tokenizer.encode_latents(images)
-        for name, maps in (("latent", latents.float()), ("images", images)):
+        spectra = [("images", images)]
+        if has_latent:
+            try:
+                with autocast:
+                    latents = tokenizer.encode_latents(images)
+                spectra.append(("latent", latents.float()))
+                if latent_shape_seen is None:
+                    latent_shape_seen = tuple(latents.shape[1:])
+            except NotImplementedError:  # no spatial latent (FlexTok's 1D tokens): no latent spectrum
+                has_latent = False
+        for name, maps in spectra:
             bands, hf = dct_band_energy(maps, num_bands=settings.spectrum_bands)
             bands = bands.double().cpu() * b  # per-batch means, weighted by images
             spectrum_sums[name] = bands if spectrum_sums[name] is None else spectrum_sums[name] + bands
             spectrum_counts[name] += b
             hf_sums[name] += hf * b
-        if batch_index == 0:
-            latent_shape_seen = tuple(latents.shape[1:])
         batch_index += 1
 
     if rows is None:
@@ -209,6 +216,13 @@ def evaluate_tokenizer(
         tokenizer, rows, token_counts, image_size, device, (encode_seconds, encode_images), encode_warmup,
         spectrum_sums, spectrum_counts, hf_sums, latent_shape_seen, codebook_sizes,
     )
+
+
+def _latent_shape(tokenizer, image_size: int) -> list[int] | None:
+    try:
+        return list(tokenizer.latent_shape(image_size))
+    except NotImplementedError:  # tokenizers without a spatial latent (FlexTok)
+        return None
 
 
 def _throughput(timed: tuple[float, int], warmup: tuple[float, int], dev: torch.device) -> float | None:
@@ -231,8 +245,10 @@ def _finalise(tokenizer, rows, token_counts, image_size, device, encode_timed, e
         fid.real_features_num_samples = first.real_features_num_samples.clone()
 
     encode_throughput = _throughput(encode_timed, encode_warmup, dev)
-    spectrum = {}
+    spectrum = {"latent": None}
     for name in ("latent", "images"):
+        if spectrum_sums[name] is None:
+            continue
         packed = torch.cat([spectrum_sums[name], torch.tensor([hf_sums[name], spectrum_counts[name]], dtype=torch.float64)])
         packed = all_reduce_sum(packed.to(dev)).cpu()
         spectrum[name] = {"bands": (packed[:-2] / packed[-1]).tolist(), "high_frequency_share": float(packed[-2] / packed[-1])}
@@ -273,8 +289,8 @@ def _finalise(tokenizer, rows, token_counts, image_size, device, encode_timed, e
         "codebook_sizes": list(codebook_sizes),
         "resolution": image_size,
         "token_shape": list(tokenizer.token_shape(image_size)),
-        "latent_shape": list(tokenizer.latent_shape(image_size)),
-        "latent_shape_measured": list(latent_shape_seen),
+        "latent_shape": _latent_shape(tokenizer, image_size),
+        "latent_shape_measured": None if latent_shape_seen is None else list(latent_shape_seen),
         "parameters": parameter_count(tokenizer),
         "variable_length": token_counts != [None],
     }
