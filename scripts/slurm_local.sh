@@ -80,8 +80,8 @@ SchedulerParameters=sched_interval=2
 SlurmdParameters=config_overrides
 JobRequeue=1
 ReturnToService=2
-# Short waits: tests poll the queue, and a killed step should go away quickly.
-KillWait=10
+# KillWait: seconds between SIGTERM and SIGKILL (Slurm default 30): time to save a checkpoint.
+KillWait=30
 MinJobAge=600
 InactiveLimit=0
 Waittime=0

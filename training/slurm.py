@@ -224,6 +224,8 @@ class PreemptionCheckpoint(pl.Callback):
         if trainer.is_global_zero:
             log.warning("Saved preemption checkpoint %s at global step %d.", path, trainer.global_step)
         failure = None
+        if trainer.is_global_zero:
+            self._close_loggers(trainer)
         if requeue and trainer.is_global_zero:
             failure = self._requeue()
         trainer.strategy.barrier("PreemptionCheckpoint.requeued")
@@ -231,6 +233,22 @@ class PreemptionCheckpoint(pl.Callback):
             raise failure
         raise Preempted(f"{cause}: checkpoint saved at global step {trainer.global_step}"
                         + ("; job requeued" if requeue else "; exiting"))
+
+    @staticmethod
+    def _close_loggers(trainer: pl.Trainer) -> None:
+        """Flush loggers before the requeue: Slurm then SIGTERMs every process of the job,
+        W&B's service process included, and a W&B run not finished by then loses what it
+        had not written yet (seen here: an empty offline run file). The restarted job
+        resumes the same W&B run id."""
+        for logger in trainer.loggers:
+            try:
+                logger.save()
+                run = getattr(logger, "experiment", None)
+                if hasattr(run, "mark_preempting") and hasattr(run, "finish"):
+                    run.mark_preempting()
+                    run.finish()
+            except Exception as error:  # never let logging stop the requeue
+                log.warning("Could not close logger %s before requeue: %s", type(logger).__name__, error)
 
     def _requeue(self) -> BaseException | None:
         """Requeue this job (rank 0). Returns an exception to raise after the barrier
