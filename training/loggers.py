@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import secrets
 from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_only
@@ -38,9 +39,7 @@ def persistent_run_id(save_dir: str | os.PathLike) -> str:
     path = Path(save_dir) / "wandb_run_id.txt"
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # W&B ids are short lowercase strings; wandb 0.31 dropped wandb.util.generate_id
     if rank_zero_only.rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id)
