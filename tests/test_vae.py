@@ -237,3 +237,18 @@ def test_adaptive_weight_equals_the_gradient_norm_ratio_computed_by_hand():
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     assert not got.requires_grad
     assert adaptive_weight(nll, loss, w, max_weight=0.01).item() == pytest.approx(0.01)
+
+
+def test_vavae_rebuilds_without_loading_its_teacher_until_the_vf_loss_needs_it(monkeypatch):
+    import tokenizers.teachers as teachers
+
+    def refuse(spec):
+        raise AssertionError("teacher weights loaded")
+
+    monkeypatch.setattr(teachers, "get_teacher", refuse)
+    encoder, decoder = tiny_parts()
+    model = VAVAE(encoder, decoder, teacher={"name": "dinov2_l", "weights": "/missing.safetensors", "random": False},
+                  embed_dim=3).eval()
+    assert model.vf_projection.out_channels == 1024  # DINOv2 ViT-L width, from the architecture alone
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert model.decode(model.encode(x)).shape == x.shape

@@ -210,6 +210,29 @@ def _teacher_handle(teacher: Any):
     )
 
 
+def teacher_width(teacher: Any) -> int:
+    """Feature width of a teacher spec without loading its weights (the architecture is
+    built on the meta device), so a VA-VAE can be rebuilt for encoding and decoding on a
+    machine without the teacher's weights; the teacher itself loads at the first VF loss."""
+    if not isinstance(teacher, Mapping):
+        return int(teacher.embed_dim)
+    from tokenizers.teachers import RANDOM_TEACHER, TEACHERS
+
+    name = str(teacher.get("name") or "random")
+    random_flag = teacher.get("random", False)
+    if isinstance(random_flag, str):
+        random_flag = random_flag.strip().lower() in {"1", "true", "yes", "on"}
+    if random_flag or name == "random":
+        return int(RANDOM_TEACHER["embed_dim"])
+    if name not in TEACHERS:
+        raise ValueError(f"Unknown teacher '{name}'. Fix: set teacher.name to one of {sorted(TEACHERS)}, or teacher=random.")
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(TEACHERS[name].architecture, pretrained=False, num_classes=0)
+    return int(model.embed_dim)
+
+
 class VAVAE(AutoencoderKL):
     """VA-VAE: ``AutoencoderKL`` whose latent is aligned with a frozen teacher (DINOv2-L).
 
@@ -244,14 +267,32 @@ class VAVAE(AutoencoderKL):
         **kwargs,
     ):
         super().__init__(encoder, decoder, embed_dim=embed_dim, kl_weight=kl_weight, **kwargs)
-        self.teacher = _teacher_handle(teacher)
+        # built at the first VF loss: encoding / decoding never needs the teacher's weights
+        if isinstance(teacher, nn.Module):  # held outside the module tree (not in checkpoints)
+            teacher = _HeldTeacher(teacher)
+        self._teacher_source = teacher
+        self._teacher = None
+        self.teacher_dim = teacher_width(teacher)
         self.vf_weight = vf_weight
         self.cos_margin = cos_margin
         self.distmat_margin = distmat_margin
         self.cos_weight = cos_weight
         self.distmat_weight = distmat_weight
         self.max_adaptive_weight = max_adaptive_weight
-        self.vf_projection = nn.Conv2d(embed_dim, self.teacher.embed_dim, 1, bias=False)
+        self.vf_projection = nn.Conv2d(embed_dim, self.teacher_dim, 1, bias=False)
+
+    @property
+    def teacher(self):
+        """The frozen teacher (a ``TeacherHandle``: not a submodule, shared by EMA copies)."""
+        if self._teacher is None:
+            handle = _teacher_handle(self._teacher_source)
+            if int(handle.embed_dim) != self.teacher_dim:
+                raise ValueError(
+                    f"teacher width {handle.embed_dim} differs from the VF projection's {self.teacher_dim}. "
+                    "Fix: use the teacher this VA-VAE was built for."
+                )
+            self._teacher = handle
+        return self._teacher
 
     def teacher_features(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
         """Teacher patch features as a (B, D, h, w) map resized to ``grid``."""
