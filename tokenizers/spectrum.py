@@ -73,7 +73,8 @@ def dct_band_energy(x: Tensor, num_bands: int = 8) -> tuple[Tensor, float]:
     if num_bands < 1:
         raise ValueError(f"num_bands must be >= 1, got {num_bands}.")
     b, c, h, w = x.shape
-    energy = dct2(x.detach().to(torch.float64)).pow(2).reshape(b * c, h * w)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # float64 throughout
+        energy = dct2(x.detach().to(torch.float64)).pow(2).reshape(b * c, h * w)
     radius = radial_frequency(h, w, x.device).reshape(-1)
     band = (radius * num_bands).floor().long().clamp_(max=num_bands - 1)
     total = energy.sum(-1)

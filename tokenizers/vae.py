@@ -109,7 +109,8 @@ class AutoencoderKL(Tokenizer):
 
     # -- pieces -----------------------------------------------------------------------
     def posterior(self, images: Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)), self.logvar_range)
+        # fp32 moments: exp(logvar) and the KL sum lose too much in bf16
+        return DiagonalGaussian(self.quant_conv(self.encoder(images)).float(), self.logvar_range)
 
     def _training_latent(self, posterior: DiagonalGaussian) -> Tensor:
         return posterior.sample() if (self.training and self.sample_posterior) else posterior.mode()
