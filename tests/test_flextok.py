@@ -315,3 +315,12 @@ def test_a_tokenizer_vae_checkpoint_is_loaded_frozen_and_used(tmp_path):
     assert torch.allclose(model.images_to_latents(x), vae.eval().encode_latents(x), atol=1e-5)
     assert set(model(x).losses) == {"flow", "repa"}
     assert model.decode(model.encode(x), num_tokens=2, steps=1).shape == x.shape
+
+
+def test_forward_under_bf16_autocast_keeps_the_fsq_input_and_the_losses_in_fp32():
+    model = tiny_flextok()
+    x0 = model.images_to_latents(images())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.encoder(x0).dtype == torch.float32
+        out = model(images())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values())

@@ -237,7 +237,8 @@ class FlexTokEncoder(nn.Module):
         tokens = self.input_tokens(latents)
         num_patches = tokens.shape[1] - self.num_registers
         registers = self.transformer(tokens, num_patches)[:, num_patches:]
-        return self.head(self.norm(registers))
+        with torch.autocast(device_type=registers.device.type, enabled=False):  # the FSQ input in fp32
+            return self.head(self.norm(registers.float()))
 
 
 class FlexTokDecoder(nn.Module):
