@@ -85,3 +85,12 @@ def test_white_noise_spreads_energy_like_the_coefficient_count():
 def test_rejects_non_4d_input():
     with pytest.raises(ValueError, match="B, C, H, W"):
         dct_band_energy(torch.randn(3, 8, 8))
+
+
+def test_excluding_dc_ignores_the_mean_of_each_map():
+    d = dct_matrix(8, dtype=torch.float64)
+    fine = torch.outer(d[7], d[7]).float()[None, None]
+    bands, high = dct_band_energy(fine + 5.0, num_bands=4, exclude_dc=True)
+    assert high == pytest.approx(1.0, abs=1e-5)
+    _, high_with_dc = dct_band_energy(fine + 5.0, num_bands=4)
+    assert high_with_dc < 0.01

@@ -18,6 +18,8 @@ Definitions
 - Per (image, channel) the band energies are divided by that map's total energy (so a
   channel with a large scale does not dominate), then averaged over channels and images.
   All-zero maps carry no spectrum and are left out of the average.
+- Optionally (``exclude_dc``) the DC coefficient is dropped first, so that a map's mean,
+  which otherwise dominates band 0, does not dilute the shares.
 - High-frequency share: the fraction of energy at ``r >= 0.5`` (the upper half of the
   radial range; with an even ``num_bands`` exactly the sum of the upper half of the
   bands), averaged like the bands.
@@ -61,8 +63,11 @@ def radial_frequency(h: int, w: int, device: torch.device | str = "cpu") -> Tens
 
 
 @torch.no_grad()
-def dct_band_energy(x: Tensor, num_bands: int = 8) -> tuple[Tensor, float]:
+def dct_band_energy(x: Tensor, num_bands: int = 8, exclude_dc: bool = False) -> tuple[Tensor, float]:
     """Banded DCT energy of (B, C, H, W) maps.
+
+    ``exclude_dc``: leave out the DC coefficient (each map's mean), so the curve describes
+    spatial structure only; a map's mean otherwise dominates band 0.
 
     Returns ``(bands, high_frequency_share)``: ``bands`` (num_bands,) fractions of energy
     per radial band (summing to 1), and the fraction of energy at normalised radial
@@ -76,6 +81,9 @@ def dct_band_energy(x: Tensor, num_bands: int = 8) -> tuple[Tensor, float]:
     with torch.autocast(device_type=x.device.type, enabled=False):  # float64 throughout
         energy = dct2(x.detach().to(torch.float64)).pow(2).reshape(b * c, h * w)
     radius = radial_frequency(h, w, x.device).reshape(-1)
+    if exclude_dc:
+        energy = energy.clone()
+        energy[:, 0] = 0.0
     band = (radius * num_bands).floor().long().clamp_(max=num_bands - 1)
     total = energy.sum(-1)
     keep = total > 0
