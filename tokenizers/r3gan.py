@@ -117,7 +117,7 @@ class R3GANLoss(AdversarialLoss):
             "adversarial": adversarial.detach(),
             "r1": r1.detach(),
             "r2": r2.detach(),
-            "gamma": torch.tensor(gamma),
+            "gamma": logits_real.new_tensor(gamma),
             "logits_real": logits_real.mean().detach(),
             "logits_fake": logits_fake.mean().detach(),
         }
