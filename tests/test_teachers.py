@@ -138,6 +138,17 @@ def test_teacher_is_found_in_the_hugging_face_cache(saved_dinov2_s, empty_hf_cac
     torch.testing.assert_close(t.model.pos_embed, model.pos_embed)
 
 
+def test_explicit_path_to_a_cached_file_shares_the_cached_teacher(saved_dinov2_s, empty_hf_cache):
+    _, path = saved_dinov2_s
+    snapshot = empty_hf_cache / "models--timm--vit_small_patch14_dinov2.lvd142m" / "snapshots" / ("1" * 40)
+    snapshot.mkdir(parents=True)
+    (empty_hf_cache / "models--timm--vit_small_patch14_dinov2.lvd142m" / "refs").mkdir()
+    (empty_hf_cache / "models--timm--vit_small_patch14_dinov2.lvd142m" / "refs" / "main").write_text("1" * 40)
+    (snapshot / "model.safetensors").symlink_to(path)
+    from_cache = get_teacher({"name": "dinov2_s", "weights": None})
+    assert get_teacher({"name": "dinov2_s", "weights": str(path)}) is from_cache
+
+
 def test_missing_weights_name_the_config_key_the_cache_and_the_random_fallback(empty_hf_cache):
     with pytest.raises(TeacherWeightsNotFound) as err:
         get_teacher({"name": "dinov2_l", "weights": None, "random": False})

@@ -153,41 +153,40 @@ def _as_bool(value) -> bool:
 
 
 def _cache_key(spec) -> tuple:
+    """("random", name, size) or ("pretrained", name, resolved weight file, size).
+
+    Pretrained teachers are keyed by the file they load, so an explicit path and the HF
+    cache entry it points to share one model. Resolving raises for missing weights."""
     name = str(_spec_get(spec, "name", "random"))
     random = _as_bool(_spec_get(spec, "random", False)) or name == "random"
-    weights = _spec_get(spec, "weights", None)
     image_size = int(_spec_get(spec, "image_size", RANDOM_TEACHER["image_size"] if random else 224))
     if random:
         return ("random", name, image_size)
-    return ("pretrained", name, str(weights) if weights else None, image_size)
+    if name not in TEACHERS:
+        raise ValueError(
+            f"Unknown teacher '{name}'.\n"
+            f"Fix: set the teacher name to one of {sorted(TEACHERS)}, or teacher=random for a smoke test."
+        )
+    weights_key = str(_spec_get(spec, "weights_key", "teacher.weights"))
+    path = resolve_weights(name, _spec_get(spec, "weights", None), weights_key)
+    return ("pretrained", name, os.path.realpath(path), image_size)
 
 
 def get_teacher(spec: Mapping[str, Any]) -> FrozenTeacher:
     """The frozen teacher for ``spec`` (built once per process, then shared)."""
     key = _cache_key(spec)
     if key not in _CACHE:
-        _CACHE[key] = _build(spec, key)
+        kind, name, *rest = key
+        if kind == "random":
+            _CACHE[key] = build_random_teacher(name, rest[-1])
+        else:
+            _CACHE[key] = build_pretrained_teacher(name, rest[0], rest[1])
     return _CACHE[key]
 
 
 def clear_cache() -> None:
     """Forget built teachers (tests; freeing memory between runs in one process)."""
     _CACHE.clear()
-
-
-def _build(spec, key: tuple) -> FrozenTeacher:
-    name = key[1]
-    image_size = key[-1]
-    if key[0] == "random":
-        return build_random_teacher(name, image_size)
-    if name not in TEACHERS:
-        raise ValueError(
-            f"Unknown teacher '{name}'.\n"
-            f"Fix: set teacher name to one of {sorted(TEACHERS)}, or teacher=random for a smoke test."
-        )
-    weights_key = str(_spec_get(spec, "weights_key", "teacher.weights"))
-    path = resolve_weights(name, _spec_get(spec, "weights", None), weights_key)
-    return build_pretrained_teacher(name, path, image_size)
 
 
 def hf_cache_dir() -> str:
