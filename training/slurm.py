@@ -138,6 +138,10 @@ def cluster_environment() -> ClusterEnvironment:
 # --------------------------------------------------------------------------------------
 
 
+def _has_service_process(logger) -> bool:
+    return type(logger).__name__ == "WandbLogger"
+
+
 class Preempted(SystemExit):
     """Ends every rank after the preemption checkpoint is on disk. A SystemExit, not an
     Exception: submitit then writes no result, so the launcher keeps waiting for the
@@ -176,13 +180,20 @@ class PreemptionCheckpoint(pl.Callback):
         self._warned = False  # warning signal seen by this process
         self._terminated = False  # SIGTERM seen by this process
         self._previous: dict[int, Any] = {}
+        self._trainer: pl.Trainer | None = None
 
-    # -- signal handlers: set a flag and nothing else (no logging, no I/O) --------------
+    # -- signal handlers: set flags only (no logging, no I/O: they interrupt any code) --
     def _on_warning(self, signum, frame) -> None:
         self._warned = True
 
     def _on_sigterm(self, signum, frame) -> None:
         self._terminated = True
+        # Slurm sends SIGTERM to every process of the job, so W&B's service process is
+        # already gone: the next W&B call would raise and end the run before it saves.
+        # Stop logging to W&B (a list assignment, safe in a handler); what was sent stays.
+        trainer = self._trainer
+        if trainer is not None:
+            trainer.loggers = [lg for lg in trainer.loggers if not _has_service_process(lg)]
 
     @property
     def active(self) -> bool:
@@ -193,6 +204,7 @@ class PreemptionCheckpoint(pl.Callback):
         # ours replace them; Lightning restores the pre-fit handlers when fit ends.
         if self.only_under_slurm and not SLURMEnvironment.detect():
             return
+        self._trainer = trainer
         self._previous[self.signum] = signal.signal(self.signum, self._on_warning)
         if self.save_on_sigterm:
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
