@@ -46,15 +46,15 @@ def rate_distortion(results: list[dict], path: str | Path) -> None:
     drawn as horizontal dashed lines."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, name in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "rfid", "rFID")):
-        for r in results:
-            rows = r["rows"]
+        for i, r in enumerate(results):
+            rows, color = r["rows"], f"C{i % 10}"
             if r["facts"]["discrete"]:
                 xs = [row["bits_per_image"] for row in rows]
                 ys = [row[key] for row in rows]
-                ax.plot(xs, ys, marker="o", label=r["run"])
+                ax.plot(xs, ys, marker="o", label=r["run"], color=color)
             else:
                 for row in rows:
-                    ax.axhline(row[key], linestyle="--", linewidth=1, label=f"{r['run']} (continuous)", color=None)
+                    ax.axhline(row[key], linestyle="--", linewidth=1, label=f"{r['run']} (continuous)", color=color)
         ax.set_xlabel("bits per image")
         ax.set_ylabel(name)
         if any(r["facts"]["discrete"] and len(r["rows"]) > 1 for r in results):

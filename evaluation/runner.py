@@ -278,7 +278,8 @@ def _finalise(tokenizer, rows, token_counts, image_size, device, encode_timed, e
             counts = row.usage.synced_counts(device)
             out["codebook_usage"] = [CodeUsage.usage(c) for c in counts]
             out["perplexity"] = [CodeUsage.perplexity(c) for c in counts]
-            counts_out[out["num_tokens"]] = [c.tolist() for c in counts]
+            if k == token_counts[-1]:  # the full-length row (the JSON stays small for 64k-code FSQ at many k)
+                counts_out[out["num_tokens"]] = [c.tolist() for c in counts]
         else:
             out["codebook_usage"], out["perplexity"] = None, None
         result_rows.append(out)

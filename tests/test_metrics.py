@@ -111,3 +111,24 @@ def test_missing_lpips_weights_outside_smoke_stop_with_the_file_name(tmp_path, m
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
         build_lpips(weights=None, allow_random=False)
+
+
+@pytest.mark.slow  # Inception at 299 px: about a minute on the shared 2-core machine
+def test_a_local_inception_file_is_loaded_and_used_with_the_tf1_resize(tmp_path):
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    # an Inception-shaped weights file (random values: no download here)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None), \
+         mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
+        state = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    torch.save(state, tmp_path / INCEPTION_FILE)
+    fid = build_fid(weights=str(tmp_path / INCEPTION_FILE), float64_features=False)  # float64 Inception is slow on CPU
+    assert fid.inception.use_antialias is False  # TF1-compatible bilinear resize, as in published FIDs
+    assert fid.real_features_sum.dtype == torch.float64
+    assert torch.equal(fid.inception.Conv2d_1a_3x3.conv.weight, state["Conv2d_1a_3x3.conv.weight"])
+    images = (torch.rand(3, 3, 32, 32) * 255).to(torch.uint8)
+    fid.update(images, real=True)
+    fid.update(images, real=False)
+    assert float(fid.compute()) == pytest.approx(0.0, abs=1e-2)
