@@ -293,3 +293,23 @@ def test_gathered_negatives_are_all_ranks_targets_with_the_local_gradient(tmp_pa
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
         torch.testing.assert_close(got["grad"], pred.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_without_loading_teachers_a_model_builds_encodes_and_decodes_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    teachers.clear_cache()
+    torch.manual_seed(0)
+    model = FQGAN(
+        Encoder(width=8, mults=(1, 2), num_res_blocks=1, z_channels=8),
+        Decoder(width=8, mults=(1, 2), num_res_blocks=1, z_channels=8),
+        branches={"visual": {}, "clip": {"teacher": {"name": "clip_b16", "weights": None, "random": False}}},
+        quantizer=dict(codebook_size=16, code_dim=4),
+        adapter=dict(depth=0, num_heads=1, pos_grid=4),
+        head=dict(width=16, depth=1, num_heads=2, pos_grid=4),
+        load_teachers=False,
+    ).eval()
+    assert model.branches["clip"].head.proj.out_features == 768  # CLIP-B/16's width, from the architecture
+    x = images(1, 16)
+    assert model.decode(model.encode(x)).shape == x.shape
+    with pytest.raises(TeacherWeightsNotFound):  # the semantic loss still needs the real teacher
+        model(x)

@@ -205,3 +205,10 @@ def test_handle_returns_the_teachers_features():
     handle = TeacherHandle({"name": "random", "random": True})
     x = images()
     torch.testing.assert_close(handle(x).cls, get_teacher({"name": "random", "random": True})(x).cls)
+
+
+def test_lazy_handle_loads_nothing_until_called(empty_hf_cache):
+    handle = TeacherHandle({"name": "dinov2_l", "weights": None}, lazy=True)
+    assert not handle.loaded and handle.embed_dim == 1024
+    with pytest.raises(TeacherWeightsNotFound):
+        handle(images())

@@ -253,6 +253,10 @@ class FQGAN(Tokenizer):
             branches' squared cosine is logged either way).
         semantic_temperature: InfoNCE temperature (1 in the reference).
         gather_negatives: use all ranks' teacher targets as negatives.
+        load_teachers: build the teachers now (training: missing weights stop the run at
+            construction). False defers loading to the first semantic loss, so a
+            checkpoint can be rebuilt to encode/decode on a machine without the
+            teachers' weights (head widths come from the teacher architectures).
     """
 
     discrete = True
@@ -268,6 +272,7 @@ class FQGAN(Tokenizer):
         disentangle_weight: float = 0.1,
         semantic_temperature: float = 1.0,
         gather_negatives: bool = False,
+        load_teachers: bool = True,
     ):
         super().__init__()
         specs = _branch_specs(branches)
@@ -302,8 +307,8 @@ class FQGAN(Tokenizer):
             if teacher_spec:
                 teacher_spec = _as_dict(teacher_spec)
                 teacher_spec.setdefault("weights_key", f"tokenizer.branches.{name}.teacher.weights")
-                # built now, so that missing weights stop the run before any training
-                handle = TeacherHandle(teacher_spec)
+                # built now (by default), so that missing weights stop the run before any training
+                handle = TeacherHandle(teacher_spec, lazy=not load_teachers)
                 width = int(spec.get("head_width") or head_width or handle.embed_dim)
                 head_module = RepresentationHead(q.code_dim, width, handle.embed_dim, **head_kw)
             self.branches[name] = FactorBranch(

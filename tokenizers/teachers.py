@@ -302,24 +302,40 @@ class TeacherHandle:
     and ``copy.deepcopy`` (the EMA model) shares it instead of copying it. Pickling
     (e.g. spawned DDP workers) rebuilds it from its spec. On call it is moved to the
     input's device.
+
+    ``lazy=False`` (training) builds the teacher now, so missing weights stop a run at
+    model construction; ``lazy=True`` (rebuilding a tokenizer to encode/decode) loads it
+    at the first call, and ``embed_dim`` comes from the architecture alone.
     """
 
-    def __init__(self, spec: Mapping[str, Any]):
+    def __init__(self, spec: Mapping[str, Any], lazy: bool = False):
         self.spec = _plain(spec)
-        self.teacher = get_teacher(self.spec)
+        self._teacher: FrozenTeacher | None = None if lazy else get_teacher(self.spec)
+
+    @property
+    def teacher(self) -> FrozenTeacher:
+        if self._teacher is None:
+            self._teacher = get_teacher(self.spec)
+        return self._teacher
+
+    @property
+    def loaded(self) -> bool:
+        return self._teacher is not None
 
     @property
     def embed_dim(self) -> int:
-        return self.teacher.embed_dim
+        return self._teacher.embed_dim if self._teacher is not None else teacher_embed_dim(self.spec)
 
     def to(self, device: torch.device | str) -> "TeacherHandle":
-        self.teacher.to(device)
+        if self._teacher is not None:
+            self._teacher.to(device)
         return self
 
     def __call__(self, images: Tensor) -> TeacherFeatures:
-        if self.teacher.mean.device != images.device:
-            self.teacher.to(images.device)
-        return self.teacher(images)
+        teacher = self.teacher
+        if teacher.mean.device != images.device:
+            teacher.to(images.device)
+        return teacher(images)
 
     def __deepcopy__(self, memo) -> "TeacherHandle":
         return self  # frozen and shared: an EMA copy uses the same teacher
@@ -328,14 +344,33 @@ class TeacherHandle:
         return self
 
     def __getstate__(self):
-        return {"spec": self.spec}
+        return {"spec": self.spec, "lazy": self._teacher is None}
 
     def __setstate__(self, state):
-        self.spec = state["spec"]
-        self.teacher = get_teacher(self.spec)
+        self.__init__(state["spec"], lazy=state.get("lazy", False))
 
     def __repr__(self) -> str:
-        return f"TeacherHandle({self.teacher.extra_repr()})"
+        if self._teacher is None:
+            return f"TeacherHandle(name={self.spec.get('name')}, not loaded)"
+        return f"TeacherHandle({self._teacher.extra_repr()})"
+
+
+def teacher_embed_dim(spec: Mapping[str, Any]) -> int:
+    """Token width of the teacher a spec names, without loading any weights (the
+    architecture is built on the meta device)."""
+    name = str(_spec_get(spec, "name", "random"))
+    if _as_bool(_spec_get(spec, "random", False)) or name == "random":
+        return int(RANDOM_TEACHER["embed_dim"])
+    if name not in TEACHERS:
+        raise ValueError(
+            f"Unknown teacher '{name}'.\n"
+            f"Fix: set the teacher name to one of {sorted(TEACHERS)}, or teacher=random for a smoke test."
+        )
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(TEACHERS[name].architecture, pretrained=False, num_classes=0)
+    return int(model.embed_dim)
 
 
 def _plain(spec) -> dict:
