@@ -49,6 +49,13 @@ def preemption_signal_name() -> str:
     return os.environ.get(PREEMPT_SIGNAL_ENV, "USR2").upper().removeprefix("SIG")
 
 
+def in_slurm_step() -> bool:
+    """This process is a task of a Slurm job step (srun), as Lightning decides it, without
+    the warning Lightning's ``SLURMEnvironment.detect()`` prints on any machine where srun
+    exists but is not used (a login node, a laptop with the test cluster)."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
 def slurm_job_id() -> str | None:
     """The id ``scontrol requeue`` takes: ``<array id>_<task id>`` inside an array job."""
     array_id, task_id = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -123,7 +130,7 @@ def cluster_environment() -> ClusterEnvironment:
 
     if TorchElasticEnvironment.detect():
         return TorchElasticEnvironment()
-    if SLURMEnvironment.detect():
+    if in_slurm_step():
         return SLURMEnvironment(auto_requeue=False)
     if SubmititLocalEnvironment.detect():
         return SubmititLocalEnvironment()
@@ -202,7 +209,7 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed here, after Lightning registered its own handlers in Trainer._run, so
         # ours replace them; Lightning restores the pre-fit handlers when fit ends.
-        if self.only_under_slurm and not SLURMEnvironment.detect():
+        if self.only_under_slurm and not in_slurm_step():
             return
         self._trainer = trainer
         self._previous[self.signum] = signal.signal(self.signum, self._on_warning)
