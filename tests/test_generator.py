@@ -78,8 +78,10 @@ def test_sample_noise_does_not_depend_on_batching():
     assert not torch.equal(both[0], both[1])
 
 
-def test_generator_pipeline_encode_train_sample_gfid_runs_end_to_end_under_smoke(tmp_path):
+def test_generator_pipeline_encode_train_sample_gfid_runs_end_to_end_under_smoke(tmp_path, monkeypatch):
     from evaluation.main import evaluate
+
+    monkeypatch.chdir(ROOT)  # evaluate.yaml finds the shared config groups relative to the repository root
 
     ckpt = tiny_tokenizer_checkpoint(tmp_path / "tok.ckpt")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
