@@ -324,3 +324,9 @@ def test_forward_under_bf16_autocast_keeps_the_fsq_input_and_the_losses_in_fp32(
         assert model.encoder(x0).dtype == torch.float32
         out = model(images())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values())
+
+
+def test_a_decoder_narrower_than_a_patch_token_is_reported(caplog):
+    with caplog.at_level(logging.WARNING, logger="tokenizers.flextok"):
+        tiny_flextok(patch_size=2, decoder_width=32)  # 48 channels x 2 x 2 = 192 values per token
+    assert "decoder_width >= 192" in caplog.text

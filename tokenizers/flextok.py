@@ -369,6 +369,14 @@ class FlexTok(Tokenizer):
             raise ValueError(f"latent grid {self.image_size // self.downsample} (image_size={image_size}, "
                              f"downsample {self.downsample}) is not divisible by patch_size={patch_size}.")
         self.latent_channels = latent_channels
+        token_dim = latent_channels * patch_size**2
+        if token_dim > decoder_width:
+            # The velocity eps - x0 contains the full-rank noise of every patch token: a
+            # decoder narrower than a token cannot pass it through, and the flow loss
+            # plateaus near (1 - width / token_dim) of the noise variance.
+            log.warning("FlexTok: a latent patch has %d values but decoder_width is %d: the decoder cannot "
+                        "represent the velocity. Fix: decoder_width >= %d, or a smaller patch_size / "
+                        "stand_in_downsample.", token_dim, decoder_width, token_dim)
         self.latent_scale, self.latent_shift = float(latent_scale), float(latent_shift)
         self.patch_size, self.num_registers = patch_size, num_registers
         self.fsq = FSQ(fsq_levels)
