@@ -120,9 +120,14 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             tokenizer, validation_batches(datamodule, limit), lpips=lpips, make_fid=make_fid,
             settings=settings, device=device,
         )
+        trained_at = OmegaConf.select(saved_cfg, "data.resolution", default=None)
         result = {"run": name, "checkpoint": checkpoint, **result,
                   "conventions": conventions(cfg, lpips, settings),
-                  "tokenizer_target": str(saved_cfg.tokenizer.get("_target_", "?"))}
+                  "tokenizer_target": str(saved_cfg.tokenizer.get("_target_", "?")),
+                  "trained_resolution": trained_at}
+        if trained_at is not None and int(trained_at) != int(cfg.data.resolution):
+            log.warning("%s was trained at %s px and is evaluated at %s px (data.resolution).",
+                        name, trained_at, cfg.data.resolution)
         if is_main():
             counts = resolve_token_counts(tokenizer, result["facts"]["resolution"], settings.token_counts)
             recon = reconstruct(tokenizer, grid_inputs, counts, settings.decode_options, device)
@@ -166,6 +171,10 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
     notes = []
     if bool(cfg.metrics.fid.random_features) or any("RANDOM" in r["conventions"]["LPIPS"] for r in results):
         notes.append("**SMOKE RUN**: random feature networks; rFID / LPIPS values only check the pipeline.")
+    for r in results:
+        if r.get("trained_resolution") is not None and int(r["trained_resolution"]) != int(cfg.data.resolution):
+            notes.append(f"`{r['run']}` was trained at {r['trained_resolution']} px and evaluated at "
+                         f"{cfg.data.resolution} px.")
     if cfg.get("limit_batches"):
         notes.append(f"limit_batches={cfg.limit_batches} per rank: only part of the split was evaluated.")
     report.write_markdown(results, out / "report.md", files, notes)
