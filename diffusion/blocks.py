@@ -5,12 +5,12 @@ adaLN-Zero conditioned (norms without affine, shift/scale/gate produced from a
 conditioning vector by a zero-initialised linear, so a freshly built block is the
 identity). Attention goes through ``F.scaled_dot_product_attention`` with an explicit
 boolean mask (True = may attend), which has a backward pass on CPU (FlexAttention has
-not). Masks come from ``prefix_causal_mask`` and friends, which cache one tensor per
-(shape, device): build them in ``forward`` freely, they are built once.
+not). Masks come from ``prefix_causal_mask``, which caches one tensor per (shape,
+device): call it in ``forward`` freely, each mask is built once.
 
 Positions: ``sincos_2d`` (fixed absolute embedding, added once at the input) and
 ``Rope2D`` (rotary, applied to q/k inside every attention layer, to the first
-``num_positions`` tokens of the sequence; tokens after them, e.g. registers, are left
+height * width tokens of the sequence; tokens after them, e.g. registers, are left
 unrotated).
 """
 from __future__ import annotations
