@@ -40,9 +40,13 @@ def persistent_run_id(save_dir: str | os.PathLike) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = secrets.token_hex(4)  # W&B ids are short lowercase strings; wandb 0.31 dropped wandb.util.generate_id
-    if rank_zero_only.rank == 0:
+    # submitit's local launcher starts every task as its own "rank 0" before DDP is up
+    rank = int(os.environ.get("SUBMITIT_LOCAL_GLOBALID", rank_zero_only.rank))
+    if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(run_id)
+        os.replace(tmp, path)
     return run_id
 
 
