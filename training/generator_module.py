@@ -291,9 +291,10 @@ def _instantiate_targets(node) -> list:
 
 
 def num_classes_of(image_data, gcfg: DictConfig) -> int:
+    if gcfg.get("num_classes"):
+        return int(gcfg.num_classes)
+    image_data.prepare_data()  # shard indexes (classes) may only exist after it (demo data)
     n = getattr(image_data, "num_classes", None)
-    if n is None:
-        n = gcfg.get("num_classes")
     if not n:
         raise ValueError("The data module does not say how many classes it has. Fix: set generator.num_classes.")
     return int(n)
