@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation import plots, report
 from evaluation.data import first_images, validation_batches
 from evaluation.distributed import barrier, is_main
-from evaluation.metrics import build_fid, build_lpips, fid_description, lpips_description
+from evaluation.metrics import MissingWeightsError, build_fid, build_lpips, fid_description, lpips_description
 from evaluation.runner import EvalSettings, evaluate_tokenizer, reconstruct, resolve_token_counts
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,25 @@ def conventions(cfg: DictConfig, lpips, settings: EvalSettings) -> dict[str, str
     }
 
 
+def build_metrics(cfg: DictConfig):
+    """(LPIPS module, FID factory). Weights are checked before any model or data is touched;
+    every missing file is named in one error."""
+    make_fid = partial(build_fid, weights=cfg.metrics.fid.weights, random_features=bool(cfg.metrics.fid.random_features),
+                       float64_features=bool(cfg.metrics.fid.float64_features))
+    lpips, missing = None, []
+    try:
+        lpips = build_lpips(cfg.metrics.lpips.weights, allow_random=bool(cfg.metrics.lpips.allow_random))
+    except MissingWeightsError as error:
+        missing.append(str(error))
+    try:
+        make_fid()
+    except MissingWeightsError as error:
+        missing.append(str(error))
+    if missing:
+        raise MissingWeightsError("\n\n".join(missing))
+    return lpips, make_fid
+
+
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate ``cfg.checkpoints`` and write the report to ``cfg.out``; returns the results."""
     from training.checkpoints import load_tokenizer
@@ -93,11 +112,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
     settings = settings_from(cfg)
-    # weights are checked before any model or data is touched: a missing file stops here
-    lpips = build_lpips(cfg.metrics.lpips.weights, allow_random=bool(cfg.metrics.lpips.allow_random))
-    make_fid = partial(build_fid, weights=cfg.metrics.fid.weights, random_features=bool(cfg.metrics.fid.random_features),
-                       float64_features=bool(cfg.metrics.fid.float64_features))
-    make_fid()  # fails early when the Inception weights are absent
+    lpips, make_fid = build_metrics(cfg)
     datamodule = instantiate(cfg.data)
     limit = cfg.get("limit_batches")
 

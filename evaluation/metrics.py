@@ -221,11 +221,20 @@ def build_lpips(weights: str | None = None, allow_random: bool = False):
     Without the weights: stop with a message naming the file (default), or, for
     ``debug=smoke`` (``allow_random``), a random backbone seeded identically on every
     rank; ``.backbone`` says which one ran and goes into the report."""
-    from tokenizers.perceptual import LPIPS
+    from tokenizers.perceptual import LPIPS, VGG16_FILE, default_vgg_path
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the random-backbone fallback must be the same network on every rank
-        return LPIPS(weights=weights, on_missing="random" if allow_random else "error")
+        try:
+            return LPIPS(weights=weights, on_missing="random" if allow_random else "error")
+        except FileNotFoundError as error:  # the same file, told with the evaluator's own keys
+            raise MissingWeightsError(
+                "LPIPS backbone weights (torchvision VGG16, ImageNet) not found.\n"
+                f"Looked in: {weights or default_vgg_path()} (no downloads on this machine).\n"
+                f"Fix: download https://download.pytorch.org/models/{VGG16_FILE}\n"
+                f"and put it at {default_vgg_path()} or set metrics.lpips.weights=/path/{VGG16_FILE},\n"
+                "or run with debug=smoke (random backbone, LPIPS not comparable)."
+            ) from error
 
 
 def lpips_description(lpips) -> str:

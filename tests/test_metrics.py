@@ -109,8 +109,10 @@ def test_missing_inception_weights_stop_with_the_file_name_and_the_fix(tmp_path,
 
 def test_missing_lpips_weights_outside_smoke_stop_with_the_file_name(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+    with pytest.raises(MissingWeightsError) as info:
         build_lpips(weights=None, allow_random=False)
+    message = str(info.value)
+    assert "vgg16-397923af.pth" in message and "metrics.lpips.weights=" in message and "debug=smoke" in message
 
 
 @pytest.mark.slow  # Inception at 299 px: about a minute on the shared 2-core machine
