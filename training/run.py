@@ -54,6 +54,10 @@ def build_module(cfg: DictConfig):
 
 
 def train(cfg: DictConfig) -> dict:
+    if cfg.get("task") == "generator":  # the latent generator for gFID (experiment=generator)
+        from training.generator_module import fit_generator
+
+        return fit_generator(cfg)
     run_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     # Build the model first: a missing teacher / VAE checkpoint must stop the run before
