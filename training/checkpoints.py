@@ -63,6 +63,18 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | os.PathLike, resume: st
     return None
 
 
+def resolve_init_from(init_from: str) -> str:
+    """``init_from``: a checkpoint file or a run directory (its ``checkpoints/last.ckpt``)."""
+    p = Path(os.path.expanduser(str(init_from)))
+    for candidate in (p, checkpoint_dir(p) / LAST, p / LAST):
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"init_from={init_from} is not a checkpoint file or a run directory with checkpoints/last.ckpt.\n"
+        "Fix: init_from=<previous stage run dir> or init_from=<run>/checkpoints/last.ckpt."
+    )
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     # Our own checkpoints hold the run config (plain containers) next to tensors.
     return torch.load(path, map_location="cpu", weights_only=False)

@@ -232,7 +232,7 @@ class TokenizerModule(pl.LightningModule):
         for k, v in out.logs.items():
             metrics[k] = torch.as_tensor(v, dtype=torch.float32, device=images.device)
         latents = out.latents
-        if isinstance(latents, Tensor) and latents.dim() == 4 and batch_idx == 0:
+        if isinstance(latents, Tensor) and latents.dim() == 4:  # averaged over the whole split
             try:
                 from tokenizers.spectrum import dct_band_energy
             except ImportError:  # pragma: no cover - spectrum module absent

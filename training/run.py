@@ -12,7 +12,14 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from training.checkpoints import LAST, AtomicCheckpointIO, checkpoint_dir, load_weights_into, resolve_resume
+from training.checkpoints import (
+    LAST,
+    AtomicCheckpointIO,
+    checkpoint_dir,
+    load_weights_into,
+    resolve_init_from,
+    resolve_resume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ def train(cfg: DictConfig) -> dict:
 
     ckpt_path = resolve_resume(cfg.get("ckpt_path"), run_dir, cfg.get("resume", "auto"))
     if ckpt_path is None and cfg.get("init_from"):
-        load_weights_into(module, cfg.init_from)
+        load_weights_into(module, resolve_init_from(cfg.init_from))
     for logger in loggers:
         if hasattr(logger, "log_hyperparams"):
             logger.log_hyperparams(module.run_config)
