@@ -330,3 +330,9 @@ def test_a_decoder_narrower_than_a_patch_token_is_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="tokenizers.flextok"):
         tiny_flextok(patch_size=2, decoder_width=32)  # 48 channels x 2 x 2 = 192 values per token
     assert "decoder_width >= 192" in caplog.text
+
+
+def test_shared_register_modulation_halves_the_decoder_adaln_sets():
+    separate, shared = tiny_flextok(), tiny_flextok(separate_register_modulation=False)
+    assert separate.decoder.blocks[0].modulation.groups == 2 and shared.decoder.blocks[0].modulation.groups == 1
+    assert set(shared(images()).losses) == {"flow", "repa"}

@@ -245,7 +245,8 @@ class FlexTokDecoder(nn.Module):
     """Rectified-flow transformer: (x_t, t, register codes) -> velocity (B, C, h, w)."""
 
     def __init__(self, latent_channels: int, patch_size: int = 2, width: int = 768, depth: int = 12,
-                 head_dim: int = 64, num_registers: int = 256, code_dim: int = 6, mlp_ratio: float = 4.0):
+                 head_dim: int = 64, num_registers: int = 256, code_dim: int = 6, mlp_ratio: float = 4.0,
+                 separate_register_modulation: bool = True):
         super().__init__()
         if width % head_dim:
             raise ValueError(f"decoder width {width} is not divisible by head_dim {head_dim}.")
@@ -259,7 +260,7 @@ class FlexTokDecoder(nn.Module):
         self.t_embed = TimestepEmbedder(width)
         self.blocks = nn.ModuleList(
             Block(width, width // head_dim, mlp_ratio, norm="layernorm", qk_norm=True, bias=False,
-                  cond_dim=width, adaln_groups=2)
+                  cond_dim=width, adaln_groups=2 if separate_register_modulation else 1)
             for _ in range(depth)
         )
         self.final = FinalLayer(width, latent_channels * patch_size**2, cond_dim=width)
@@ -281,7 +282,7 @@ class FlexTokDecoder(nn.Module):
         n = patches.shape[1]
         x = torch.cat([patches, self.register_tokens(codes, keep, null)], dim=1)
         cond = self.t_embed(t)
-        segments = (n, self.num_registers)  # patches and registers get their own adaLN modulation
+        segments = (n, self.num_registers)  # used when patches and registers get their own adaLN modulation
         features = None
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, cond=cond, segments=segments)
@@ -345,6 +346,7 @@ class FlexTok(Tokenizer):
         decoder_depth: int = 12,
         head_dim: int = 64,
         mlp_ratio: float = 4.0,
+        separate_register_modulation: bool = True,
         nested_dropout: str = "pow2",
         cfg_dropout: float = 0.1,
         time_mean: float = 0.0,
@@ -384,7 +386,7 @@ class FlexTok(Tokenizer):
         self.encoder = FlexTokEncoder(latent_channels, patch_size, encoder_width, encoder_depth, head_dim,
                                       num_registers, self.fsq.dim, mlp_ratio)
         self.decoder = FlexTokDecoder(latent_channels, patch_size, decoder_width, decoder_depth, head_dim,
-                                      num_registers, self.fsq.dim, mlp_ratio)
+                                      num_registers, self.fsq.dim, mlp_ratio, separate_register_modulation)
         self.nested_dropout, self.cfg_dropout = nested_dropout, float(cfg_dropout)
         self.time_mean, self.time_std = float(time_mean), float(time_std)
         self.flow_weight = float(flow_weight)
