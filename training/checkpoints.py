@@ -95,7 +95,10 @@ def load_tokenizer(path: str | os.PathLike, ema: bool = True, overrides: dict | 
     cfg = OmegaConf.create(ckpt["config"])
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
-    tokenizer = instantiate(cfg.tokenizer)
+    tok_cfg = cfg.tokenizer.copy()
+    if "load_teachers" in tok_cfg:
+        tok_cfg.load_teachers = False  # encode/decode never need the teachers' weights
+    tokenizer = instantiate(tok_cfg)
     state = ckpt["state_dict"]
     prefix = "ema.module." if ema and any(k.startswith("ema.module.") for k in state) else "tokenizer."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
