@@ -54,6 +54,8 @@ def wandb_logger(save_dir: str, project: str = "tokbench", name: str | None = No
                  tags: list | None = None, log_model: bool = False, **kwargs):
     from pytorch_lightning.loggers import WandbLogger
 
+    if os.environ.get("WANDB_MODE") == "":
+        del os.environ["WANDB_MODE"]  # an empty value is not a mode; wandb would reject it
     mode = wandb_mode()
     if mode == "offline" and not os.environ.get("WANDB_MODE"):
         rank_zero_only(log.warning)(
