@@ -336,3 +336,12 @@ def test_shared_register_modulation_halves_the_decoder_adaln_sets():
     separate, shared = tiny_flextok(), tiny_flextok(separate_register_modulation=False)
     assert separate.decoder.blocks[0].modulation.groups == 2 and shared.decoder.blocks[0].modulation.groups == 1
     assert set(shared(images()).losses) == {"flow", "repa"}
+
+
+def test_lazy_teacher_is_not_loaded_until_repa_needs_it():
+    model = tiny_flextok(teacher={"name": "random", "random": True}, load_teachers=False)
+    assert not model.teacher.loaded
+    model.decode(model.encode(images()), num_tokens=2, steps=1)
+    assert not model.teacher.loaded
+    model(images())
+    assert model.teacher.loaded

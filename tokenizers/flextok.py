@@ -35,6 +35,9 @@ used, only if ``allow_stand_in=true`` (debug=smoke sets it), with a warning.
 The REPA teacher is likewise held outside the module tree (``TeacherHandle``); besides a
 teacher spec mapping ({name, weights, random}) the constructor accepts any frozen
 callable with ``embed_dim`` returning ``.patches`` and ``.grid`` (tests pass a fake).
+``load_teachers=false`` (set by ``training.checkpoints.load_tokenizer``) defers loading
+the teacher's weights to its first use, so checkpoints rebuild for encode / decode on
+machines without them.
 """
 from __future__ import annotations
 
@@ -190,11 +193,13 @@ class _HeldTeacher:
         return self
 
 
-def hold_teacher(teacher):
+def hold_teacher(teacher, lazy: bool = False):
+    """A spec mapping -> ``TeacherHandle`` (lazy: weights loaded at the first call, the
+    width read from the architecture); a ready teacher object -> held as is."""
     if isinstance(teacher, Mapping) or type(teacher).__name__ == "DictConfig":
         from tokenizers.teachers import TeacherHandle
 
-        return TeacherHandle(teacher)
+        return TeacherHandle(teacher, lazy=lazy)
     return _HeldTeacher(teacher)
 
 
@@ -353,6 +358,7 @@ class FlexTok(Tokenizer):
         time_std: float = 1.0,
         flow_weight: float = 1.0,
         teacher: Any = None,
+        load_teachers: bool = True,
         repa_weight: float = 0.5,
         repa_layer: int = 2,
         repa_hidden: int = 2048,
@@ -400,7 +406,7 @@ class FlexTok(Tokenizer):
                                  "(teacher=random for smoke tests) or tokenizer.repa_weight=0.")
             if not 1 <= self.repa_layer <= decoder_depth:
                 raise ValueError(f"repa_layer={repa_layer} must lie in 1..decoder_depth={decoder_depth}.")
-            self.teacher = hold_teacher(teacher)
+            self.teacher = hold_teacher(teacher, lazy=not load_teachers)
             self.repa_projector = repa_projector(decoder_width, repa_hidden, self.teacher.embed_dim)
 
         self.decode_steps, self.decode_guidance = int(decode_steps), float(decode_guidance)
