@@ -44,7 +44,7 @@ DEMO_PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "motorcycle", "hubble_deep_field",
     "retina", "immunohistochemistry", "camera", "coins", "moon", "brick",
 )
-DEMO_VERSION = 1  # bump when the cropping recipe changes, so old caches are not reused
+DEMO_VERSION = 2  # bump when the cropping recipe changes, so old caches are not reused
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -93,6 +93,8 @@ def write_demo_shards(out_dir: str | os.PathLike, crop_px: int, train_crops: int
             crops = random_crops(photo, count, crop_px, rng)
             samples[split].extend((f"{name}_{i:04d}", data, label) for i, data in enumerate(crops))
     random.Random(seed).shuffle(samples["train"])  # mix photographs across shards
+    # validation cycles through the photographs, so the first batch (the image grids) shows all of them
+    samples["val"].sort(key=lambda item: (int(item[0].rsplit("_", 1)[1]), item[2]))
     counts = {}
     for split, items in samples.items():
         writer = SplitWriter(out_dir, split, maxcount=256)
