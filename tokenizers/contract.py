@@ -53,6 +53,9 @@ class Tokenizer(nn.Module):
     discrete: bool = True
     #: vocabulary size of each codebook (empty for continuous tokenizers)
     codebook_sizes: tuple[int, ...] = ()
+    #: False when ``forward`` returns no reconstruction (FlexTok's flow decoder): the loop
+    #: then builds no pixel/perceptual loss and no discriminator for it.
+    reconstructs_in_training: bool = True
 
     # -- the contract --------------------------------------------------------------
     def encode(self, images: Tensor) -> Any:

@@ -333,6 +333,7 @@ def repa_alignment(projected: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 # -- the tokenizer -------------------------------------------------------------------------------
 class FlexTok(Tokenizer):
     discrete = True
+    reconstructs_in_training = False  # the flow decoder trains on velocities, not pixels
 
     def __init__(
         self,

@@ -34,11 +34,16 @@ for _message in (
     warnings.filterwarnings("ignore", message=_message)
 
 
-def _optional(cfg: DictConfig, key: str):
+def _optional_node(cfg: DictConfig, key: str) -> DictConfig | None:
     node = cfg.get(key)
     if node is None or not isinstance(node, DictConfig) or "_target_" not in node:
         return None
-    return instantiate(node)
+    return node
+
+
+def _optional(cfg: DictConfig, key: str):
+    node = _optional_node(cfg, key)
+    return None if node is None else instantiate(node)
 
 
 def _instantiate_all(node: DictConfig | None) -> list:
@@ -49,11 +54,15 @@ def _instantiate_all(node: DictConfig | None) -> list:
 
 def build_module(cfg: DictConfig):
     tokenizer = instantiate(cfg.tokenizer)
+    pixel_losses = getattr(tokenizer, "reconstructs_in_training", True)
+    if not pixel_losses and (_optional_node(cfg, "loss") or _optional_node(cfg, "gan")):
+        log.info("%s trains without a pixel reconstruction: the loss and gan groups are not built.",
+                 type(tokenizer).__name__)
     module = instantiate(
         cfg.module,
         tokenizer=tokenizer,
-        loss=_optional(cfg, "loss"),
-        gan=_optional(cfg, "gan"),
+        loss=_optional(cfg, "loss") if pixel_losses else None,
+        gan=_optional(cfg, "gan") if pixel_losses else None,
         regularizer=_optional(cfg, "regularizer"),
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
