@@ -35,14 +35,17 @@ class ReconstructionGrid(pl.Callback):
     def _grid(self, pl_module, images: torch.Tensor) -> torch.Tensor:
         model = pl_module.eval_tokenizer
         images = images[: self.num_images]
-        rows = [images]
+        rows, labels = [images], ["input"]
         if hasattr(model, "reconstruct_at"):
             recs = model.reconstruct_at(images, token_counts=self.token_counts, steps=self.decode_steps)
             rows += [recs[k] for k in sorted(recs)]
+            labels += [f"{k} tokens" for k in sorted(recs)]
         else:
             out = model(images)
             if out.reconstruction is not None:
                 rows.append(out.reconstruction)
+                labels.append("reconstruction")
+        self._row_labels = labels
         return make_grid(to_unit(torch.cat(rows)), nrow=images.shape[0], padding=2)
 
     @rank_zero_only
@@ -56,7 +59,7 @@ class ReconstructionGrid(pl.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key=f"images/{tag}", images=[grid], step=trainer.global_step,
-                                 caption=["top: input, below: reconstruction"])
+                                 caption=["rows: " + ", ".join(self._row_labels) + " (EMA weights)"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
