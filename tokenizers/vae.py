@@ -212,26 +212,14 @@ def _teacher_handle(teacher: Any):
 
 
 def teacher_width(teacher: Any) -> int:
-    """Feature width of a teacher spec without loading its weights (the architecture is
-    built on the meta device), so a VA-VAE can be rebuilt for encoding and decoding on a
-    machine without the teacher's weights; the teacher itself loads at the first VF loss."""
+    """Feature width of a teacher (object or spec) without loading its weights, so a
+    VA-VAE can be rebuilt for encoding and decoding on a machine without the teacher's
+    weights; the teacher itself loads at the first VF loss."""
     if not isinstance(teacher, Mapping):
         return int(teacher.embed_dim)
-    from tokenizers.teachers import RANDOM_TEACHER, TEACHERS
+    from tokenizers.teachers import teacher_embed_dim
 
-    name = str(teacher.get("name") or "random")
-    random_flag = teacher.get("random", False)
-    if isinstance(random_flag, str):
-        random_flag = random_flag.strip().lower() in {"1", "true", "yes", "on"}
-    if random_flag or name == "random":
-        return int(RANDOM_TEACHER["embed_dim"])
-    if name not in TEACHERS:
-        raise ValueError(f"Unknown teacher '{name}'. Fix: set teacher.name to one of {sorted(TEACHERS)}, or teacher=random.")
-    import timm
-
-    with torch.device("meta"):
-        model = timm.create_model(TEACHERS[name].architecture, pretrained=False, num_classes=0)
-    return int(model.embed_dim)
+    return teacher_embed_dim(teacher)
 
 
 class VAVAE(AutoencoderKL):
