@@ -12,7 +12,7 @@ from tokenizers.gan import NLayerDiscriminator, PatchGANHinge
 from tokenizers.losses import ReconstructionLoss
 from tokenizers.quantizers import VectorQuantizer
 from tokenizers.vqgan import VQGAN
-from training.module import TokenizerModule, adaptive_weight, psnr_per_image
+from training.module import TokenizerModule, adaptive_weight
 
 
 def tiny_vqgan():
@@ -122,9 +122,3 @@ def test_repeated_non_finite_losses_stop_with_a_clear_error():
     module = TokenizerModule(tiny_vqgan(), NaNOnce(set(range(1, 100))), None, max_consecutive_nonfinite=3)
     with pytest.raises(Exception, match="consecutive non-finite"):
         fit(module, max_steps=10)
-
-
-def test_psnr_of_known_noise_is_analytic():
-    x = torch.zeros(1, 3, 8, 8)  # 127.5 -> rounds to 128 on [0, 255]
-    y = x + 10 / 127.5  # +10 grey levels
-    assert psnr_per_image(y, x).item() == pytest.approx(10 * torch.log10(torch.tensor(255.0**2 / 100)).item(), abs=1e-3)

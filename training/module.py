@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from evaluation.metrics import psnr_per_image, to_pixels
 from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput
 from training.ema import EMA
 
@@ -34,14 +35,6 @@ def adaptive_weight(nll: Tensor, loss: Tensor, param: Tensor, max_weight: float 
     g_nll = torch.autograd.grad(nll, param, retain_graph=True)[0]
     g_loss = torch.autograd.grad(loss, param, retain_graph=True)[0]
     return (g_nll.norm() / (g_loss.norm() + 1e-4)).clamp(0.0, max_weight).detach()
-
-
-def psnr_per_image(x: Tensor, y: Tensor) -> Tensor:
-    """PSNR of images in [-1, 1], measured on [0, 255] after rounding, one value per image."""
-    x255 = ((x.float().clamp(-1, 1) + 1) * 127.5).round()
-    y255 = ((y.float().clamp(-1, 1) + 1) * 127.5).round()
-    mse = ((x255 - y255) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -228,7 +221,8 @@ class TokenizerModule(pl.LightningModule):
             rec = out.reconstruction.float()
             metrics["mse"] = torch.nn.functional.mse_loss(rec, images.float())
             metrics["l1"] = torch.nn.functional.l1_loss(rec, images.float())
-            metrics["psnr"] = psnr_per_image(rec, images).mean()
+            # the evaluator's definition: per-image PSNR on rounded 8-bit pixels, then the mean
+            metrics["psnr"] = psnr_per_image(to_pixels(rec), to_pixels(images)).mean().float()
         for k, v in out.logs.items():
             metrics[k] = torch.as_tensor(v, dtype=torch.float32, device=images.device)
         latents = out.latents
