@@ -57,8 +57,9 @@ def test_entropy_backward_keeps_no_full_distance_matrix():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _, _, losses, _ = vq(z)
     assert "entropy" in losses
-    # what autograd keeps for the backward pass: nothing of (N, K) size, chunks of 32 x K at most
-    assert max(saved) <= 32 * k < n * k
+    # what autograd keeps for the backward pass: a small fraction of one (N, K) matrix in total
+    # (without recomputation every chunk's distances and probabilities stay alive: ~4 N K)
+    assert sum(saved) < n * k // 4
     losses["entropy"].backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
 
