@@ -45,8 +45,8 @@ def test_chunked_entropy_equals_full_matrix_value_and_gradient():
 
 def test_entropy_backward_keeps_no_full_distance_matrix():
     torch.manual_seed(0)
-    n, k = 512, 256
-    vq = VectorQuantizer(codebook_size=k, code_dim=8, entropy_weight=0.03, max_distance_elements=k * 32)
+    n, k = 512, 1024
+    vq = VectorQuantizer(codebook_size=k, code_dim=8, entropy_weight=0.03, max_distance_elements=k * 128)
     z = torch.randn(2, 8, 16, 16, requires_grad=True)  # 512 tokens
     saved = []
 
