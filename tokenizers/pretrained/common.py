@@ -146,3 +146,21 @@ def load_exact(model: nn.Module, state: Mapping[str, Tensor], source: str,
 def ready(model: nn.Module) -> nn.Module:
     """What ``load_pretrained`` returns: fp32, eval mode, no gradients needed."""
     return model.float().eval()
+
+
+#: the project's tokenizer configs (``conf/tokenizer``): a release is built from the very config
+#: a training run uses, so a parity test of the release also checks that config
+CONF_TOKENIZER = Path(__file__).resolve().parents[2] / "conf" / "tokenizer"
+
+
+def tokenizer_from_config(config: str, updates: Mapping[str, Any] | None = None, replace: Mapping[str, Any] | None = None):
+    """Instantiate ``conf/tokenizer/<config>.yaml`` with ``updates`` merged in and the
+    top-level keys of ``replace`` replaced outright (e.g. ``branches``)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF_TOKENIZER / f"{config}.yaml")
+    cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(updates or {})))
+    for key, value in (replace or {}).items():
+        cfg[key] = value
+    return instantiate(cfg)
