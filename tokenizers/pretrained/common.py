@@ -153,14 +153,18 @@ def ready(model: nn.Module) -> nn.Module:
 CONF_TOKENIZER = Path(__file__).resolve().parents[2] / "conf" / "tokenizer"
 
 
-def tokenizer_from_config(config: str, updates: Mapping[str, Any] | None = None, replace: Mapping[str, Any] | None = None):
-    """Instantiate ``conf/tokenizer/<config>.yaml`` with ``updates`` merged in and the
-    top-level keys of ``replace`` replaced outright (e.g. ``branches``)."""
-    from hydra.utils import instantiate
+def tokenizer_config(config: str, updates: Mapping[str, Any] | None = None):
+    """``conf/tokenizer/<config>.yaml`` with ``updates`` merged in (an OmegaConf node)."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(CONF_TOKENIZER / f"{config}.yaml")
-    cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(updates or {})))
-    for key, value in (replace or {}).items():
-        cfg[key] = value
+    return OmegaConf.merge(cfg, OmegaConf.create(dict(updates or {})))
+
+
+def tokenizer_from_config(config: str, updates: Mapping[str, Any] | None = None):
+    """Instantiate ``conf/tokenizer/<config>.yaml`` (a name) or an already loaded config node,
+    with ``updates`` merged in."""
+    from hydra.utils import instantiate
+
+    cfg = tokenizer_config(config, updates) if isinstance(config, str) else config
     return instantiate(cfg)

@@ -34,7 +34,8 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from tokenizers.pretrained.common import Release, load_exact, read_state_dict, ready, resolve_file, tokenizer_from_config
+from tokenizers.pretrained.common import (Release, load_exact, read_state_dict, ready, resolve_file, tokenizer_config,
+                                         tokenizer_from_config)
 from tokenizers.pretrained.llamagen import MULTS, convert_conv
 
 #: reference branch suffix -> (project branch name, reference head module) per variant
@@ -73,20 +74,22 @@ def architecture(variant: str = "dual", ds: int = 16, width: int = 128, z_channe
 def build(variant: str = "dual", ds: int = 16, heads: bool = False, teachers: Mapping[str, Any] | None = None,
           **arch: Any):
     """The project's FQGAN with the architecture of FQGAN's ``VQ_{ds}`` ``variant`` (random
-    weights). Without ``heads`` the semantic branches carry no teacher and no head (all a
-    released tokenizer needs to encode and decode). With ``heads`` they keep the config's
-    teachers, unloaded; ``teachers`` replaces a branch's teacher spec (tests: random ones)."""
-    from omegaconf import OmegaConf
-
-    names = [name for name, _ in BRANCHES[variant].values()]
-    replace = {"load_teachers": False}
-    if not heads:
-        replace["branches"] = {name: {} for name in names}
-    cfg_updates = architecture(variant, ds, **arch)
-    if heads and teachers:
-        cfg_updates["branches"] = {name: {"teacher": OmegaConf.to_container(OmegaConf.create(spec))}
-                                   for name, spec in teachers.items()}
-    return tokenizer_from_config(f"fqgan_{variant}", cfg_updates, replace)
+    weights), branches in the config's order. Without ``heads`` the semantic branches carry
+    no teacher and no head (all a released tokenizer needs to encode and decode). With
+    ``heads`` they keep the config's teachers, unloaded; ``teachers`` replaces a branch's
+    teacher spec (tests: random ones)."""
+    cfg = tokenizer_config(f"fqgan_{variant}", architecture(variant, ds, **arch))
+    expected = {name for name, _ in BRANCHES[variant].values()}
+    if set(cfg.branches) != expected:
+        raise ValueError(f"conf/tokenizer/fqgan_{variant}.yaml names branches {list(cfg.branches)}; "
+                         f"the FQGAN-{variant} release has {sorted(expected)}.")
+    cfg.load_teachers = False
+    for name in list(cfg.branches):
+        if not heads:
+            cfg.branches[name] = {}
+        elif teachers and name in teachers:
+            cfg.branches[name].teacher = dict(teachers[name])
+    return tokenizer_from_config(cfg)
 
 
 def _rename_transformer(rest: str) -> str:
