@@ -171,3 +171,53 @@ def test_fqgan_training_heads_ignored_by_name_and_reported():
     reported = {k for k in model.ignored_keys if ".head." in k}
     expected = sum(1 for k in fixture["layout"] if k.split(".")[0] in heads)
     assert len(reported) == expected and all(b.head is None for b in model.branches.values())
+
+
+# -- released files through load_pretrained -------------------------------------------------------
+
+
+def _small_options(fixture: dict) -> dict:
+    arch = {k: v for k, v in fixture["architecture"].items() if k not in ("ds", "variant")}
+    return {k: str(v) for k, v in arch.items()}  # as a pretrained: spec passes them
+
+
+@pytest.mark.parametrize("name", ["llamagen_vq8", "fqgan_triple_ds16"])
+def test_load_pretrained_reads_released_layout(tmp_path, name):
+    """A file laid out as the release (LlamaGen's training checkpoint: ``model``, ``ema``,
+    optimizer and discriminator states) loads through ``load_pretrained`` with its EMA weights,
+    as LlamaGen's and FQGAN's own evaluation scripts choose, and matches the reference."""
+    from tokenizers.pretrained import load_pretrained, releases
+
+    fixture = load_fixture(name)
+    ema = reference_state(fixture)
+    raw = {k: v + 0.5 for k, v in ema.items()}  # the non-EMA weights: must not be the ones loaded
+    path = tmp_path / releases()[name].files[0]
+    torch.save({"model": raw, "ema": ema, "optimizer": {"state": {}}, "discriminator": {}, "steps": 1}, path)
+    model = load_pretrained(name, tmp_path, **_small_options(fixture))  # a directory holding the file
+    assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
+    got = compare(model, fixture)
+    assert got["agreement"] >= INDEX_AGREEMENT and got["decode_diff"] <= DECODE_ATOL, got
+    assert any(k.endswith("codebook_used") for k in model.ignored_keys)
+
+
+def test_missing_release_names_file_place_and_option(tmp_path):
+    from tokenizers.pretrained import MissingReleaseError, load_pretrained
+
+    with pytest.raises(MissingReleaseError) as error:
+        load_pretrained("fqgan_dual_ds8", tmp_path / "elsewhere")
+    message = str(error.value)
+    assert "fqgan_dual_ds8.pt" in message and "huggingface.co/ZechenBai/FQGAN" in message and "path=" in message
+
+
+def test_wrong_release_file_lists_mismatched_keys():
+    """A ds8 file named as ds16 stops with the keys and shapes that do not fit, loading nothing."""
+    from tokenizers.pretrained import StateDictMismatch, llamagen
+
+    fixture = load_fixture("llamagen_vq8")
+    arch = {k: v for k, v in fixture["architecture"].items() if k != "ds"}
+    model = llamagen.build(16, **arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(StateDictMismatch) as error:
+        llamagen.load_state(model, reference_state(fixture), "vq_ds8_c2i.pt")
+    assert "missing in the file" in str(error.value) and "shape mismatch" in str(error.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

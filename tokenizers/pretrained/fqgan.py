@@ -36,7 +36,7 @@ from torch import Tensor
 
 from tokenizers.pretrained.common import (Release, load_exact, read_state_dict, ready, resolve_file, tokenizer_config,
                                          tokenizer_from_config)
-from tokenizers.pretrained.llamagen import MULTS, convert_conv
+from tokenizers.pretrained.llamagen import MULTS, arch_options, convert_conv
 
 #: reference branch suffix -> (project branch name, reference head module) per variant
 BRANCHES = {
@@ -172,13 +172,16 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
+#: options that shrink the architecture, for reference-format test files at reduced widths
+ARCH_OPTIONS = ("width", "z_channels", "codebook_size", "code_dim", "head_width", "pos_grid")
+
+
 def _load_release(path=None, *, release_name: str, variant: str, ds: int, heads: Any = False, **options: Any):
-    if options:
-        raise TypeError(f"{release_name} takes only the option 'heads', got {sorted(options)}.")
+    arch = arch_options(release_name, options, ARCH_OPTIONS, extra=("heads",))
     heads = _as_bool(heads)
     release = RELEASES[release_name]
     file = resolve_file(release, path, hub_id="ZechenBai/FQGAN")
-    return load_state(build(variant, ds, heads=heads), read_state_dict(file), variant, str(file), heads=heads)
+    return load_state(build(variant, ds, heads=heads, **arch), read_state_dict(file), variant, str(file), heads=heads)
 
 
 _TEACHERS = {"dual": "CLIP ViT-L/14", "triple": "DINOv2 ViT-S/14 and CLIP ViT-B/16"}

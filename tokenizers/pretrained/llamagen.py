@@ -133,12 +133,25 @@ def load_state(model, state: Mapping[str, Tensor], source: str):
     return ready(model)
 
 
+#: options that shrink the architecture, for reference-format test files at reduced widths
+ARCH_OPTIONS = ("width", "z_channels", "codebook_size", "code_dim")
+
+
+def arch_options(release_name: str, options: Mapping[str, Any], allowed: tuple[str, ...],
+                 extra: tuple[str, ...] = ()) -> dict[str, int]:
+    """Integer architecture options (a ``pretrained:`` spec passes strings); anything else is an error."""
+    unknown = sorted(set(options) - set(allowed) - set(extra))
+    if unknown:
+        raise TypeError(f"{release_name}: unknown option(s) {unknown}. Options: {', '.join(extra + allowed)} "
+                        f"(the architecture ones only for reduced-width test files).")
+    return {k: int(v) for k, v in options.items() if k in allowed}
+
+
 def _load_release(path=None, *, release_name: str, ds: int, **options: Any):
-    if options:
-        raise TypeError(f"{release_name} takes no options, got {sorted(options)}.")
+    arch = arch_options(release_name, options, ARCH_OPTIONS)
     release = RELEASES[release_name]
     file = resolve_file(release, path, hub_id="FoundationVision/LlamaGen")
-    return load_state(build(ds), read_state_dict(file), str(file))
+    return load_state(build(ds, **arch), read_state_dict(file), str(file))
 
 
 _PUBLISHED = "https://huggingface.co/FoundationVision/LlamaGen (file {}); code github.com/FoundationVision/LlamaGen"
