@@ -197,8 +197,8 @@ class _HeldTeacher:
         self.teacher = teacher
         self.embed_dim = int(teacher.embed_dim)
 
-    def __call__(self, images: Tensor):
-        return self.teacher(images)
+    def __call__(self, images: Tensor, **options):
+        return self.teacher(images, **options)
 
     def __deepcopy__(self, memo) -> "_HeldTeacher":
         return self
@@ -251,6 +251,10 @@ class VAVAE(AutoencoderKL):
         max_adaptive_weight, max_adaptive_weight_reduction: the clamp of the adaptive VF
             weight; with reduction ``sum`` it is read as published for a pixel-summed loss
             (the reference's 1e8) and converted (``AdaptiveTerm.max_weight_for``).
+        teacher_input: how images reach the teacher: ``raw_bilinear`` as the reference (the
+            [-1, 1] images bilinearly resized to the teacher's 224 px, no ImageNet
+            mean/std: what the released model was trained with) or ``normalized`` (the
+            teachers' usual input, ``tokenizers.teachers``).
     """
 
     def __init__(
@@ -267,6 +271,7 @@ class VAVAE(AutoencoderKL):
         distmat_weight: float = 1.0,
         max_adaptive_weight: float = 1e4,
         max_adaptive_weight_reduction: str = "mean",
+        teacher_input: str = "raw_bilinear",
         **kwargs,
     ):
         super().__init__(encoder, decoder, embed_dim=embed_dim, kl_weight=kl_weight, **kwargs)
@@ -284,6 +289,9 @@ class VAVAE(AutoencoderKL):
         self.max_adaptive_weight = max_adaptive_weight
         self.max_adaptive_weight_reduction = check_reduction(max_adaptive_weight_reduction,
                                                              "tokenizer.max_adaptive_weight_reduction")
+        if teacher_input not in ("raw_bilinear", "normalized"):
+            raise ValueError(f"VAVAE.teacher_input must be 'raw_bilinear' or 'normalized', got {teacher_input!r}.")
+        self.teacher_input = teacher_input
         self.vf_projection = nn.Conv2d(embed_dim, self.teacher_dim, 1, bias=False)
 
     @property
@@ -302,7 +310,7 @@ class VAVAE(AutoencoderKL):
     def teacher_features(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
         """Teacher patch features as a (B, D, h, w) map resized to ``grid``."""
         with torch.no_grad():
-            out = self.teacher(images)
+            out = self.teacher(images, input_mode=self.teacher_input)
             b, n, d = out.patches.shape
             h, w = out.grid
             if h * w != n:
