@@ -13,10 +13,13 @@ Two sizes:
 - ``--size full``: the released f16d32 architecture (ch 128, ch_mult (1, 1, 2, 2, 4),
   32 latent channels) with random weights, used by ``vavae_fullsize_check.py``.
 
+Either way it also writes the released architecture's layout (key -> shape, no weights:
+``vavae_f16d32_layout.json``), which the fast suite checks the full-size model against.
+
 Random weights: PyTorch's default init for convs, plus random GroupNorm scales and
-shifts (a swapped weight/bias would otherwise go unnoticed), and quant_conv's
-log-variance rows scaled up so that part of the log-variance falls outside LDM's clamp
-[-30, 20] (a missing clamp changes the fixture). The checkpoint is written as the
+shifts (a swapped weight/bias would otherwise go unnoticed); quant_conv's log-variance
+biases are shifted so that a quarter of the channels lies above and a quarter below LDM's
+clamp [-30, 20] (a missing clamp changes the fixture). The checkpoint is written as the
 released file is laid out: a Lightning ``state_dict`` holding ``encoder.*``,
 ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``, VA-VAE's ``linear_proj.weight``
 (reverse projection latent -> DINOv2 width, no bias) and a training-only ``loss.*`` key.
@@ -33,6 +36,7 @@ reference module imports.)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -70,9 +74,11 @@ def randomize_(model: torch.nn.Module, embed_dim: int, generator: torch.Generato
             if isinstance(module, torch.nn.GroupNorm):
                 module.weight.copy_(1.0 + 0.2 * torch.randn(module.weight.shape, generator=generator))
                 module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
-        # log-variance rows of quant_conv: large enough that the clamp [-30, 20] acts
-        model.quant_conv.weight[embed_dim:] *= 60.0
-        model.quant_conv.bias[embed_dim:] *= 60.0
+        # log-variance channels: the first quarter pushed above the clamp's 20, the second
+        # below its -30 (so the clamp acts), the rest left at moderate values
+        q = max(1, embed_dim // 4)
+        model.quant_conv.bias[embed_dim:embed_dim + q] += 25.0
+        model.quant_conv.bias[embed_dim + q:embed_dim + 2 * q] -= 35.0
 
 
 def main() -> None:
@@ -124,6 +130,13 @@ def main() -> None:
         },
         args.out / f"{name}_outputs.pt",
     )
+    # the released architecture's layout (names and shapes, no weights): checked in the fast suite
+    with torch.device("meta"):
+        full = build_reference(args.lightningdit.resolve(), SIZES["full"])
+    layout = {k: list(v.shape) for k, v in full.state_dict().items()}
+    layout["linear_proj.weight"] = [SIZES["full"]["vf_dim"], SIZES["full"]["embed_dim"], 1, 1]
+    lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in layout.items())
+    (args.out / "vavae_f16d32_layout.json").write_text("{\n" + lines + "\n}\n")
     print(f"wrote {args.out / (name + '_release.pt')} and {args.out / (name + '_outputs.pt')}; "
           f"logvar clamped at {float(((posterior.logvar <= -30) | (posterior.logvar >= 20)).float().mean()):.1%} "
           f"of elements")
