@@ -24,8 +24,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.distributed import all_reduce_sum, rank, reduce_device, world_size
-from evaluation.metrics import to_uint8
+from common.distributed import all_reduce_sum, rank, reduce_device, world_size
+from common.metrics import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ PREVIEW_IMAGES = 8
 def generator_tokenizer_checkpoint(path: str) -> str:
     """The tokenizer checkpoint a generator was trained on (from its saved facts)."""
     from evaluation.main import resolve_checkpoint
-    from training.checkpoints import load_checkpoint
+    from common.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(resolve_checkpoint(path))
     try:
@@ -51,7 +51,7 @@ def build_inception_score(weights: str | None = None, random_features: bool = Fa
     from torchmetrics.image.fid import NoTrainInceptionV3
     from torchmetrics.image.inception import InceptionScore
 
-    from evaluation.metrics import RandomFeatures, find_inception_weights
+    from common.metrics import RandomFeatures, find_inception_weights
 
     if random_features:
         return InceptionScore(feature=RandomFeatures(), splits=1)
@@ -73,7 +73,7 @@ def reference_statistics(fid, data_cfg: dict, cache_dir: Path | None, feature: s
 
     The cache holds the sums over all ranks; they are loaded into rank 0 only (other ranks
     keep zeros), so torchmetrics' cross-rank sum at ``compute`` gives them back exactly."""
-    from evaluation.data import labelled, training_split_once
+    from data.splits import labelled, training_split_once
 
     path = None
     if cache_dir is not None:
@@ -119,7 +119,7 @@ def evaluate_generator(checkpoint: str, cfg: DictConfig, device: torch.device,
                        make_fid: Callable[[], Any]) -> dict[str, Any]:
     """gFID (+ IS) of one generator checkpoint; every rank returns the same dict.
     ``previews``: (row label, first images) per token count."""
-    from training.checkpoints import load_tokenizer
+    from tokenizers.loading import load_tokenizer
     from training.generator_module import load_generator
 
     gen_cfg = cfg.generation

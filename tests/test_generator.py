@@ -84,8 +84,8 @@ def test_token_cache_holds_every_image_once_and_resumes_after_an_interruption(tm
     dm.setup("fit")
     data = dm.dataset()
     assert len(data) == 10 and dm.encoded_batches == 3  # 10 images, batches of 4
-    from evaluation.data import labelled, training_split_once
-    from training.checkpoints import load_tokenizer
+    from data.splits import labelled, training_split_once
+    from tokenizers.loading import load_tokenizer
 
     tokenizer, _ = load_tokenizer(str(ckpt))
     images, labels = zip(*labelled(training_split_once(synthetic_data())))
@@ -132,7 +132,7 @@ def test_per_sample_noise_does_not_depend_on_batching():
 
 @pytest.mark.parametrize("name", sorted(FAMILY_OF))
 def test_family_follows_the_tokenizer_contract(name, tmp_path):
-    from training.checkpoints import load_tokenizer
+    from tokenizers.loading import load_tokenizer
 
     tokenizer, _ = load_tokenizer(str(smoke_tokenizer_checkpoint(name, tmp_path / "tok.ckpt")))
     assert choose_family(tokenizer_facts(tokenizer, 32)) == FAMILY_OF[name]

@@ -57,10 +57,10 @@ def index_dtype(vocab_sizes: Sequence[int]) -> torch.dtype:
 def spec_fingerprint(spec: str) -> dict:
     """What identifies a tokenizer checkpoint: its path, size and mtime (a retrained
     checkpoint at the same path gets a new cache); a released spec by its text and file."""
-    path = str(spec)
-    if path.startswith("pretrained:"):
-        candidate = path.split("?")[0].replace("=", ":").split(":", 2)[-1]
-        path = candidate if os.path.exists(candidate) else ""
+    from tokenizers.loading import parse_released
+
+    released = parse_released(str(spec))
+    path = str(spec) if released is None else (released.path or "")
     info: dict[str, Any] = {"spec": str(spec)}
     if path and os.path.exists(path):
         st = os.stat(path)
@@ -91,7 +91,7 @@ def statistics_from_sums(sums: Tensor) -> tuple[Tensor, Tensor, int]:
 
 def channel_statistics(latents: Tensor, device: torch.device) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and std over all ranks' latents (float64 sums, one all-reduce)."""
-    from evaluation.distributed import all_reduce_sum, reduce_device
+    from common.distributed import all_reduce_sum, reduce_device
 
     if latents.ndim != 4:
         raise ValueError(f"latents must be (N, C, H, W), got {tuple(latents.shape)}")
@@ -138,8 +138,8 @@ class TokenCache(pl.LightningDataModule):
 
     def encode_rank(self, folder: Path, rank: int, world: int) -> None:
         """Write this rank's chunks, skipping those a previous (interrupted) job wrote."""
-        from evaluation.data import labelled, training_split_once
-        from training.checkpoints import load_tokenizer
+        from data.splits import labelled, training_split_once
+        from tokenizers.loading import load_tokenizer
 
         mine = folder / f"rank{rank}-of-{world}"
         mine.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ class TokenCache(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.parts:
             return
-        from evaluation.distributed import all_reduce_sum, barrier, rank, reduce_device, world_size
+        from common.distributed import all_reduce_sum, barrier, rank, reduce_device, world_size
 
         folder, world = self.cache_dir, world_size()
         done = folder / "stats.pt"
@@ -216,7 +216,7 @@ class TokenCache(pl.LightningDataModule):
         return CachedTokens(self.parts, self.mean, self.std)
 
     def train_dataloader(self) -> DataLoader:
-        from evaluation.distributed import rank, world_size
+        from common.distributed import rank, world_size
 
         dataset = self.dataset()
         if len(dataset) < self.batch_size * world_size():

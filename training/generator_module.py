@@ -303,7 +303,7 @@ def build_generator(gcfg: DictConfig, facts: dict[str, Any]) -> GeneratorModule:
 
 def load_generator(path: str | os.PathLike) -> tuple[GeneratorModule, DictConfig]:
     """(generator module with its EMA, statistics and facts; the run config) from a checkpoint."""
-    from training.checkpoints import load_checkpoint
+    from common.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(path)
     if "generator_facts" not in ckpt or "config" not in ckpt or "family" not in ckpt["generator_facts"]:
@@ -336,24 +336,15 @@ def num_classes_of(image_data, gcfg: DictConfig) -> int:
     return int(n)
 
 
-def resolve_tokenizer_spec(spec: str) -> str:
-    """A released spec unchanged; a run directory or .ckpt as an absolute checkpoint file."""
-    from training.checkpoints import resolve_resume
-
-    if str(spec).startswith("pretrained:"):
-        return str(spec)
-    return str(Path(resolve_resume(str(spec), ".", "never")).resolve())
-
-
 def prepare_generator(cfg: DictConfig) -> tuple[GeneratorModule, TokenCache]:
     """The generator module (family chosen from the tokenizer) and its token cache."""
-    from training.checkpoints import load_tokenizer
+    from tokenizers.loading import load_tokenizer, resolve_spec
 
     gcfg = cfg.generator
     if not gcfg.get("tokenizer_ckpt"):
         raise ValueError("generator.tokenizer_ckpt is not set. Fix: python train.py experiment=generator "
                          "generator.tokenizer_ckpt=logs/train/runs/<run> (a run directory, a .ckpt or pretrained:...).")
-    spec = resolve_tokenizer_spec(str(gcfg.tokenizer_ckpt))
+    spec = resolve_spec(str(gcfg.tokenizer_ckpt), "generator.tokenizer_ckpt")
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg["val_remainder"] = "pad"  # every training image encoded exactly once across ranks
     image_data = instantiate(data_cfg)
