@@ -19,8 +19,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.distributed import all_reduce_sum, rank, reduce_device, world_size
-from evaluation.metrics import to_uint8
+from common.distributed import all_reduce_sum, rank, reduce_device, world_size
+from common.metrics import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def generator_tokenizer_checkpoint(path: str) -> str:
     """The tokenizer checkpoint a generator was trained on (from its saved config)."""
     from evaluation.main import resolve_checkpoint
-    from training.checkpoints import load_checkpoint
+    from common.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(resolve_checkpoint(path))
     try:
@@ -60,7 +60,7 @@ def reference_statistics(fid, data_cfg: dict, cache_dir: Path | None, feature: s
 
     The cache holds the sums over all ranks; they are loaded into rank 0 only (other ranks
     keep zeros), so torchmetrics' cross-rank sum at ``compute`` gives them back exactly."""
-    from evaluation.data import labelled, training_split_once
+    from data.splits import labelled, training_split_once
 
     path = None
     if cache_dir is not None:
@@ -86,7 +86,7 @@ def reference_statistics(fid, data_cfg: dict, cache_dir: Path | None, feature: s
 def evaluate_generator(checkpoint: str, cfg: DictConfig, device: torch.device,
                        make_fid: Callable[[], Any]) -> dict[str, Any]:
     """gFID of one generator checkpoint; every rank returns the same dict."""
-    from training.checkpoints import load_tokenizer
+    from tokenizers.loading import load_tokenizer
     from training.generator_module import load_generator
 
     gen_cfg = cfg.generation

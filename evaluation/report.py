@@ -45,6 +45,8 @@ Column = tuple[str, str, Callable[[dict, dict], Any], Callable[[Any], str]]
 COLUMNS: list[Column] = [
     ("run", "run", lambda r, row: r["run"], str),
     ("family", "family", lambda r, row: r["facts"]["family"], str),
+    # released file / trained here, and which weights (EMA, raw, as released)
+    ("source", "source", lambda r, row: _source(r), str),
     ("tokens", "tokens/img", lambda r, row: row["tokens_per_image"], str),
     ("bits_per_image", "bits/img", lambda r, row: row["bits_per_image"], lambda v: _num(v, 0)),
     ("latent_shape", "latent CxHxW", lambda r, row: _shape(r["facts"]["latent_shape"]), str),
@@ -63,6 +65,12 @@ COLUMNS: list[Column] = [
 ]
 
 GFID_COLUMN: Column = ("gfid", "gFID", lambda r, row: (r.get("generation") or {}).get("gfid"), lambda v: _num(v, 2))
+
+
+def _source(result: dict) -> str:
+    source = result.get("source") or {}
+    kind = {"released": "released file", "trained": "trained here"}.get(source.get("kind"), "?")
+    return f"{kind} ({source.get('weights', '?')})"
 
 
 def columns_for(results: list[dict]) -> list[Column]:

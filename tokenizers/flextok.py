@@ -35,7 +35,7 @@ used, only if ``allow_stand_in=true`` (debug=smoke sets it), with a warning.
 The REPA teacher is likewise held outside the module tree (``TeacherHandle``); besides a
 teacher spec mapping ({name, weights, random}) the constructor accepts any frozen
 callable with ``embed_dim`` returning ``.patches`` and ``.grid`` (tests pass a fake).
-``load_teachers=false`` (set by ``training.checkpoints.load_tokenizer``) defers loading
+``load_teachers=false`` (set by ``tokenizers.loading.load_tokenizer``) defers loading
 the teacher's weights to its first use, so checkpoints rebuild for encode / decode on
 machines without them.
 """
@@ -157,7 +157,7 @@ class FrozenLatentCodec:
 
 def load_latent_codec(vae_ckpt: str | None, allow_stand_in: bool, stand_in_downsample: int) -> FrozenLatentCodec:
     if vae_ckpt:
-        from training.checkpoints import load_tokenizer
+        from tokenizers.loading import load_tokenizer
 
         vae, _ = load_tokenizer(vae_ckpt)
         if not hasattr(vae, "encode_latents") or not hasattr(vae, "latent_shape"):

@@ -60,7 +60,7 @@ def cache_key(tokenizer_ckpt: str, data_cfg: dict, ema: bool) -> str:
 @torch.no_grad()
 def encode_split(tokenizer, batches, device: torch.device, dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor]:
     """(latents (N, C, H, W) in ``dtype``, labels (N,)) of this rank's real images."""
-    from evaluation.data import labelled
+    from data.splits import labelled
 
     latents, labels = [], []
     tokenizer = tokenizer.to(device).eval()
@@ -74,7 +74,7 @@ def encode_split(tokenizer, batches, device: torch.device, dtype: torch.dtype = 
 
 def channel_statistics(latents: Tensor, device: torch.device) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and std over all ranks' latents (float64 sums, one all-reduce)."""
-    from evaluation.distributed import all_reduce_sum, reduce_device
+    from common.distributed import all_reduce_sum, reduce_device
 
     x = latents.double()
     if x.ndim != 4:  # a rank without images still joins the reduction
@@ -121,13 +121,13 @@ class LatentDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.latents is not None:
             return
-        from evaluation.data import training_split_once
-        from evaluation.distributed import barrier, rank, world_size
+        from data.splits import training_split_once
+        from common.distributed import barrier, rank, world_size
 
         folder = self.cache_dir
         done = folder / "stats.pt"
         if not done.is_file():
-            from training.checkpoints import load_tokenizer
+            from tokenizers.loading import load_tokenizer
 
             tokenizer, _ = load_tokenizer(self.tokenizer_ckpt, ema=self.ema)
             device = self._device()
@@ -152,7 +152,7 @@ class LatentDataModule(pl.LightningDataModule):
         self.latents = latents
 
     def train_dataloader(self) -> DataLoader:
-        from evaluation.distributed import rank, world_size
+        from common.distributed import rank, world_size
 
         dataset = NormalisedLatents(self.latents, self.labels, self.mean, self.std)
         if len(dataset) < self.batch_size * world_size():
