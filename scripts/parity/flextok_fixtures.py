@@ -4,7 +4,7 @@ reference code, at reduced widths with random weights, fp32 on CPU.
     git clone https://github.com/apple/ml-flextok /tmp/ml-flextok
     # a Python with torch plus the reference's dependencies (not the project's venv):
     pip install einops diffusers mup hydra-core safetensors huggingface_hub
-    python scripts/parity_flextok_fixtures.py --ref /tmp/ml-flextok
+    python scripts/parity/flextok_fixtures.py --ref /tmp/ml-flextok
 
 What it writes (the same layouts as the releases, so the test goes through
 ``load_pretrained``):
@@ -61,7 +61,7 @@ def randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ref", required=True, help="path of a local clone of github.com/apple/ml-flextok")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/parity/flextok"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "tests/fixtures/parity/flextok"))
     args = parser.parse_args()
     import_reference(args.ref)
     from diffusers.models import AutoencoderKL

@@ -1,6 +1,6 @@
 """Build Apple's reference FlexTok (github.com/apple/ml-flextok) from a local clone, for the
-parity fixtures (``parity_flextok_fixtures.py``) and the full-size check
-(``check_flextok_fullsize.py``). Never imported by the project itself.
+parity fixtures (``flextok_fixtures.py``) and the full-size check
+(``flextok_fullsize.py``). Never imported by the project itself.
 
 The released Hugging Face directories (EPFL-VILAB/flextok_d*_d*_in1k) hold ``config.json``
 (the Hydra config ``FlexTokFromHub`` instantiates: vae, encoder, decoder, regularizer,
