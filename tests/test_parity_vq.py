@@ -62,6 +62,22 @@ def test_teacher_target_before_final_norm():
     assert (before.cls - after.cls).abs().max() > 0.1
 
 
+def test_teacher_input_resized_like_fqgan():
+    """FQGAN's ScalingLayer: [-1, 1] -> [0, 1], ``F.interpolate`` to 224 with its default
+    (nearest), then the teacher's mean/std; the handle takes the mode from its spec."""
+    import torch.nn.functional as F
+
+    from tokenizers.teachers import TeacherHandle
+
+    handle = TeacherHandle({"name": "parity_vq", "random": True, "input_mode": "normalized_nearest"})
+    teacher = handle.teacher
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    expected = (F.interpolate((images + 1) / 2, size=(teacher.image_size,) * 2) - teacher.mean) / teacher.std
+    torch.testing.assert_close(teacher.preprocess(images, "normalized_nearest"), expected)
+    torch.testing.assert_close(handle(images).cls, teacher.model.forward_features(expected)[:, 0])
+    assert (teacher.preprocess(images) - expected).abs().max() > 0.05  # the default (bicubic) differs
+
+
 @pytest.mark.parametrize("tokenizer, targets", [("fqgan_dual", {"clip": False}),
                                                 ("fqgan_triple", {"dino": True, "clip": False})])
 def test_fqgan_configs_take_teacher_targets_where_the_reference_does(tokenizer, targets):
@@ -70,6 +86,7 @@ def test_fqgan_configs_take_teacher_targets_where_the_reference_does(tokenizer, 
     cfg = _compose([f"tokenizer={tokenizer}", "scale=reference"]).tokenizer
     for name, final_norm in targets.items():
         assert cfg.branches[name].teacher.get("final_norm", True) is final_norm, name
+        assert cfg.branches[name].teacher.input_mode == "normalized_nearest", name
     assert cfg.head.num_heads == 8 and cfg.adapter.num_heads == 8
 
 
