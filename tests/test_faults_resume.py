@@ -94,14 +94,15 @@ def _logged_steps(run_dir) -> list[int]:
         return sorted({int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss/total")})
 
 
-def test_resume_appends_to_the_logs_and_applies_a_changed_learning_rate(tmp_path):
+def test_resume_appends_to_the_logs_and_applies_a_changed_learning_rate(tmp_path, caplog):
     run_dir = tmp_path / "run"
     run(run_dir, "trainer.max_steps=2", "logger=csv")
     first = load(run_dir / "checkpoints" / "last.ckpt")
     assert first["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)
     assert _logged_steps(run_dir) == [0, 1]
 
-    run(run_dir, "trainer.max_steps=4", "logger=csv", "module.optimizer.lr=3e-4")  # resume=auto
+    with caplog.at_level("WARNING"):
+        run(run_dir, "trainer.max_steps=4", "logger=csv", "module.optimizer.lr=3e-4")  # resume=auto
     final = load(run_dir / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 4
     assert _logged_steps(run_dir) == [0, 1, 2, 3]  # the first run's rows are still there
@@ -110,3 +111,4 @@ def test_resume_appends_to_the_logs_and_applies_a_changed_learning_rate(tmp_path
     assert final["config"]["module"]["optimizer"]["lr"] == pytest.approx(3e-4)
     assert final["optimizer_states"][1]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # unchanged: kept
     assert final["optimizer_states"][0]["state"][0]["step"] == 4  # moments continued, not restarted
+    assert "module.optimizer.lr: 0.0001 -> 0.0003" in caplog.text  # and the user is told

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from evaluation.metrics import psnr_per_image, to_pixels
 from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput
 from training.ema import EMA
-from training.optimizer_settings import apply_configured_settings
+from training.resume import apply_configured_settings, log_config_changes
 
 log = logging.getLogger(__name__)
 
@@ -288,3 +288,4 @@ class TokenizerModule(pl.LightningModule):
         # changed in the config on resume is applied, not silently replaced by the saved one
         factories = [self.optimizer_factory] + ([self.disc_optimizer_factory] if self.gan is not None else [])
         apply_configured_settings(checkpoint.get("optimizer_states", []), factories, ["tokenizer", "discriminator"])
+        log_config_changes(checkpoint.get("config"), self.run_config)

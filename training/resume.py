@@ -1,4 +1,5 @@
-"""Optimizer settings on resume: the run's config wins over the checkpoint.
+"""Resuming with a config that differs from the checkpoint's: the run's config wins, and
+every difference is logged.
 
 Lightning restores an optimizer's ``param_groups`` from the checkpoint, learning rate and
 betas included, so a value changed in the config when resuming (``module.optimizer.lr=...``)
@@ -54,3 +55,31 @@ def _show(value) -> str:
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(_show(v) for v in value) + ")"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``"key: saved -> current"`` for every leaf that differs between two run configs."""
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    return [f"{key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key, missing) != new.get(key, missing)]
+
+
+def log_config_changes(saved: dict | None, current: dict | None) -> list[str]:
+    if not saved or not current:
+        return []
+    changes = config_changes(saved, current)
+    if changes:
+        log.warning("Resuming with %d config value(s) changed since the checkpoint was written; the new values "
+                    "apply from here on and are saved in the next checkpoints:\n  %s", len(changes),
+                    "\n  ".join(changes))
+    return changes
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        flat = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: tree}
