@@ -162,3 +162,12 @@ def test_when_no_training_sample_can_be_read_the_run_stops_with_a_clear_error(tm
                               max_consecutive_failures=50)
     with pytest.raises(DataUnreadableError if workers == 0 else Exception, match="in a row could not be read"):
         next(iter(dm.train_dataloader()))
+
+
+def test_good_samples_between_bad_ones_reset_the_failure_streak():
+    good, bad = sample("good", encoded("RGB")), sample("bad", b"")
+    skips = SkipCounter(max_consecutive=2)
+    out = list(DecodeSamples(EvalTransform(16), skips)(iter([bad, good, bad, good, bad, good])))
+    assert len(out) == 3 and skips.total == 3  # never two failures in a row: no error
+    with pytest.raises(DataUnreadableError, match="2 samples or shards in a row"):
+        list(DecodeSamples(EvalTransform(16), SkipCounter(max_consecutive=2))(iter([good, bad, bad, good])))
