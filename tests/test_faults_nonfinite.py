@@ -91,3 +91,41 @@ def test_a_finite_loss_with_non_finite_gradients_is_skipped_too():
     trainer.fit(module, DataLoader(TensorDataset(images, torch.zeros(8, dtype=torch.long)), batch_size=2))
     assert trainer.global_step == 4 and int(module.nonfinite_skipped) == 1
     assert non_finite_tensors(dict(module.state_dict())) == []  # clipping did not spread NaN into the weights
+
+
+def test_a_non_finite_discriminator_loss_is_skipped_counted_and_leaves_its_statistics():
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from test_module import tiny_vqgan
+    from tokenizers.gan import NLayerDiscriminator, PatchGANHinge
+    from training.module import TokenizerModule
+
+    class NaNDiscriminatorAt(PatchGANHinge):
+        """Its discriminator sees NaN real images at the given calls (BatchNorm in train mode)."""
+
+        def __init__(self, bad_calls):
+            super().__init__(NLayerDiscriminator(ndf=4, n_layers=1, norm="batch"), disc_start=0)
+            self.bad_calls, self.calls, self.at_step_start = bad_calls, 0, None
+
+        def generator_loss(self, fake, real):
+            self.at_step_start = copy.deepcopy(self.discriminator.state_dict())  # before this step's forwards
+            return super().generator_loss(fake, real)
+
+        def discriminator_loss(self, real, fake, step=None):
+            self.calls += 1
+            if self.calls in self.bad_calls:
+                self.before_bad = self.at_step_start
+                real = torch.full_like(real, float("nan"))
+            return super().discriminator_loss(real, fake, step)
+
+    gan = NaNDiscriminatorAt({3})
+    module = TokenizerModule(tiny_vqgan(), NaNGradientAt(set()), gan)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, DataLoader(TensorDataset(images, torch.zeros(8, dtype=torch.long)), batch_size=2))
+    assert int(module.nonfinite_skipped) == 1
+    after = gan.discriminator.state_dict()  # the last step was the bad one: the discriminator is as before it
+    assert all(torch.equal(after[k], v) for k, v in gan.before_bad.items())
+    assert non_finite_tensors(dict(module.state_dict())) == []
