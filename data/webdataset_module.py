@@ -40,7 +40,7 @@ from data.common import (
     resolve_rank,
     split_for_rank,
 )
-from data.shards import expand_shards, read_index, shard_sample_counts
+from data.shards import NoShardsMatched, expand_shards, read_index, shard_sample_counts
 from data.transforms import EvalTransform, TrainTransform, decode_image
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,17 @@ class WebDatasetDataModule(pl.LightningDataModule):
             self._train_urls = expand_shards(self.root, self.train_shards)
         wants_val = stage in (None, "fit", "validate") and self.val_shards is not None
         if wants_val and (self._val_urls is None or self._val_spec != self.val_shards):
-            self._val_urls = expand_shards(self.root, self.val_shards)
+            try:
+                self._val_urls = expand_shards(self.root, self.val_shards)
+            except NoShardsMatched:
+                if stage == "validate":
+                    raise
+                self._val_urls = []  # train anyway: validation is a measurement, not a requirement
+                if self.rank_and_world_size()[0] == 0:
+                    log.warning(
+                        "No validation shards match data.val_shards=%r under %s: training runs WITHOUT validation "
+                        "(no val/ metrics or val images). Fix: `python -m data.shards SRC OUT` holds out a "
+                        "validation split by itself; data.val_shards=null silences this.", self.val_shards, self.root)
             self._val_counts = shard_sample_counts(self._val_urls, self.root)
             self._val_spec = self.val_shards  # re-resolved if someone points val_shards elsewhere
 
@@ -340,7 +350,9 @@ class WebDatasetDataModule(pl.LightningDataModule):
         if self.val_shards is None:
             return []  # no validation split configured: Lightning skips validation
         if self._val_urls is None or self._val_spec != self.val_shards:
-            self.setup("validate")
+            self.setup("validate")  # strict: validating alone without validation shards is an error
+        if not self._val_urls:
+            return []  # no validation shards (warned in setup)
         rank, world_size = self.rank_and_world_size()
         self.val_split = split = split_for_rank(sum(self._val_counts), rank, world_size, self.val_remainder)
         if split.dropped and rank == 0:
