@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from evaluation.metrics import psnr_per_image, to_pixels
+from common.metrics import psnr_per_image, to_pixels
 from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput
 from training.ema import EMA
 
