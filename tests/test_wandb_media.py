@@ -8,7 +8,7 @@ from PIL import Image
 from torch import nn
 
 from training.callbacks import ReconstructionGrid
-from training.loggers import finish_loggers, wandb_logger
+from common.loggers import finish_loggers, wandb_logger
 
 
 class _Reconstructs(nn.Module):

@@ -239,8 +239,18 @@ def _default_vgg_path() -> Path:
     return hub / "checkpoints" / "vgg16-397923af.pth"
 
 
-def find_checkpoint(path: str, key: str) -> Path:
-    """A checkpoint file, or a run directory holding checkpoints/last.ckpt (or last.ckpt)."""
+RELEASED = re.compile(r"^pretrained:[^:=?]*(?:[:=]([^?]*))?")  # tokenizers.loading.parse_released
+
+
+def find_checkpoint(path: str, key: str) -> Path | None:
+    """A checkpoint file, or a run directory holding checkpoints/last.ckpt (or last.ckpt);
+    None for a released checkpoint (``pretrained:<name>:<path>``) whose file exists."""
+    released = RELEASED.match(str(path))
+    if released:
+        weights = released.group(1)
+        if weights and not os.path.exists(os.path.expanduser(weights)):
+            raise ConfigError(f"{key}={path}: {weights} does not exist. Fix: the path of the released weights.")
+        return None
     p = Path(os.path.expanduser(str(path)))
     for candidate in (p, p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
         if candidate.is_file():
@@ -265,7 +275,7 @@ def _check_checkpoints(cfg: DictConfig, problems: list[str]) -> None:
         except ConfigError as exc:
             problems.append(str(exc))
             continue
-        saved = _saved_tokenizer_target(path)
+        saved = _saved_tokenizer_target(path) if path is not None else None
         if tokenizer and saved and saved != tokenizer:
             problems.append(
                 f"{key}={value} holds a {saved.rsplit('.', 1)[-1]} checkpoint, but this run trains "

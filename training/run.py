@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from common.loggers import finish_loggers
 from training.checkpoints import (
     LAST,
     AtomicCheckpointIO,
@@ -20,7 +21,6 @@ from training.checkpoints import (
     resolve_init_from,
     resolve_resume,
 )
-from training.loggers import finish_loggers
 from training.preflight import ConfigError, user_error
 
 log = logging.getLogger(__name__)
