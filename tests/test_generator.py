@@ -46,7 +46,10 @@ def smoke_tokenizer_checkpoint(name: str, path: Path) -> Path:
         cfg = compose("train", overrides=[f"tokenizer={name}", "debug=smoke", "data=synthetic"])
     tok_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True)
     torch.manual_seed(0)
-    return save_tokenizer(instantiate(tok_cfg), {"tokenizer": tok_cfg, "run_name": name}, path)
+    tokenizer = instantiate(tok_cfg).eval()
+    with torch.no_grad():  # a trained tokenizer has seen data (FlexTok measures its latent scale on it)
+        tokenizer.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    return save_tokenizer(tokenizer, {"tokenizer": tok_cfg, "run_name": name}, path)
 
 
 def synthetic_data(resolution=16, **kw):

@@ -110,7 +110,7 @@ def test_flextok_generator_samples_exactly_k_tokens_the_tokenizer_decodes():
     torch.manual_seed(0)
     tokenizer = FlexTok(allow_stand_in=True, stand_in_downsample=4, image_size=16, patch_size=1, num_registers=8,
                         encoder_width=32, encoder_depth=1, decoder_width=64, decoder_depth=1, head_dim=16, fsq_levels=(8, 5, 5),
-                        repa_weight=0.0, decode_steps=2).eval()
+                        repa_weight=0.0, decode_steps=2, latent_scale=1.0).eval()
     model = tiny_ar(vocab_sizes=tokenizer.codebook_sizes, positions=tokenizer.token_shape(16))
     for k in (1, 3, 8):
         tokens = model.generate(torch.tensor([0, 1]), num_positions=k, cfg_scale=2.0)
