@@ -71,6 +71,15 @@ def wandb_logger(save_dir: str, project: str = "tokbench", name: str | None = No
                        id=persistent_run_id(save_dir), resume="allow", mode=mode, log_model=log_model, **kwargs)
 
 
+def finish_loggers(loggers, failed: bool = False) -> None:
+    """Close the W&B run explicitly: left to the interpreter's exit, wandb 0.31 abandons
+    its pending requests and writes a HandleAbandonedError traceback into its debug log."""
+    for logger in loggers:
+        run = getattr(logger, "_experiment", None)  # None: never started (or not W&B)
+        if run is not None and hasattr(run, "finish") and rank_zero_only.rank == 0:
+            run.finish(exit_code=1 if failed else 0)
+
+
 class AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued (its
     columns kept, new ones added by rewriting the header) instead of deleted."""

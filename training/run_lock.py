@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from training.preflight import ConfigError
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".run.lock"
@@ -32,13 +34,27 @@ LOCK_FILE = ".run.lock"
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID")
 
 
-class RunDirectoryInUse(RuntimeError):
-    pass
+class RunDirectoryInUse(ConfigError):
+    """Another live run holds the directory (train.py prints the message, no traceback)."""
 
 
 def starts_the_run(environ=os.environ) -> bool:
     """This process is global rank 0 (or a single-process run)."""
     return all(environ.get(name, "0") in ("", "0") for name in _RANK_VARIABLES)
+
+
+def lock_is_held(run_dir: str | os.PathLike) -> bool:
+    """Whether a live process holds ``<run_dir>/.run.lock`` now (this one included)."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.is_file():
+        return False
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 @contextlib.contextmanager
