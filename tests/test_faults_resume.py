@@ -16,6 +16,7 @@ import torch
 from fault_helpers import load, run
 from helpers import ROOT
 from training.checkpoints import AtomicCheckpointIO, CheckpointWriteError
+from training.preflight import remove_fresh_run_dir
 from training.run_lock import LOCK_FILE, RunDirectoryInUse, run_directory_lock, starts_the_run
 
 
@@ -58,7 +59,8 @@ def test_any_failed_save_removes_its_temporary_file(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- one run per directory
 
 HOLD_LOCK = (
-    "import sys, time; sys.path.insert(0, {root!r}); from training.run_lock import run_directory_lock\n"
+    "import sys, time; sys.path.insert(0, {root!r}); from training.preflight import remove_fresh_run_dir
+from training.run_lock import run_directory_lock\n"
     "with run_directory_lock({run!r}):\n    print('locked', flush=True); time.sleep(600)\n"
 )
 
@@ -73,6 +75,7 @@ def test_a_second_run_on_the_same_directory_refuses_and_a_killed_run_leaves_no_s
         with pytest.raises(RunDirectoryInUse, match=f"pid {first.pid} .*hydra.run.dir"):
             run(run_dir, "trainer.max_steps=1")
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]  # refused before writing anything
+        assert not remove_fresh_run_dir(run_dir)  # train.py's clean-up of failed starts leaves a held directory
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
