@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -59,8 +58,7 @@ def test_any_failed_save_removes_its_temporary_file(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- one run per directory
 
 HOLD_LOCK = (
-    "import sys, time; sys.path.insert(0, {root!r}); from training.preflight import remove_fresh_run_dir
-from training.run_lock import run_directory_lock\n"
+    "import sys, time; sys.path.insert(0, {root!r}); from training.run_lock import run_directory_lock\n"
     "with run_directory_lock({run!r}):\n    print('locked', flush=True); time.sleep(600)\n"
 )
 
