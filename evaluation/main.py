@@ -159,7 +159,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         for generator, tok_ckpt in zip(generators, gen_tokenizers):
             gen = evaluate_generator(resolve_checkpoint(generator), cfg, device=device, make_fid=make_fid)
             target = next(r for r in results if r["checkpoint"] == tok_ckpt)
-            samples.append((f"{target['run']}\ngenerator", gen.pop("preview")))
+            for label, images in gen.pop("previews"):
+                samples.append((f"{target['run']}\n{gen['family']}" + (f"\n{label}" if label else ""), images))
             target["generation"] = gen
 
     if is_main():
@@ -181,8 +182,12 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
     if plots.codebook_usage(results, out / "codebook_usage.png"):
         files["codebook usage"] = "codebook_usage.png"
     if samples:
+        from evaluation.generation import plot_gfid_against_tokens
+
         plots.image_rows(samples, out / "generated_samples.png")
         files["generated samples (gFID)"] = "generated_samples.png"
+        if plot_gfid_against_tokens(results, out / "gfid_tokens.png"):
+            files["gFID against token count"] = "gfid_tokens.png"
     notes = []
     if bool(cfg.metrics.fid.random_features) or any("RANDOM" in r["conventions"]["LPIPS"] for r in results):
         notes.append("**SMOKE RUN**: random feature networks; rFID / LPIPS values only check the pipeline.")
