@@ -14,7 +14,9 @@ reference's ``VAE_BASE_CFG`` (diffusers AutoencoderKL, 128/256/512/512 channels)
 weight random; ``--images`` 256 px images are tokenized by both (token agreement) and
 decoded from the first k tokens (``--k``) from the same noise at the reference's decode
 settings (20 steps, guidance 7.5, APG; ``--steps`` to shorten on a slow machine), max abs
-difference reported. Results go to ``<work>/results.json`` and stdout; the exit status is 0
+difference reported. The reference outputs are kept in ``<work>/reference_outputs.safetensors``
+and reused by a rerun with the same arguments (the project side alone). Results go to
+``<work>/results.json`` and stdout; the exit status is 0
 only if the tokens agree >= 99.9 % and every image is within 1e-3.
 
 ``--shapes-only``: builds the reference model on the meta device (no memory, no compute),
@@ -101,13 +103,13 @@ def shapes_only(name: str) -> dict:
     return result
 
 
-def full(name: str, work: Path, n_images: int, ks: list[int], steps: int) -> dict:
+def run_reference(name: str, work: Path, n_images: int, ks: list[int], steps: int) -> dict:
+    """Build, save (release layouts) and run the reference; its outputs go to
+    ``<work>/reference_outputs.safetensors`` so the project side can be rerun alone."""
     from diffusers.models import AutoencoderKL
     from flextok.flextok_wrapper import FlexTokFromHub
+    from safetensors.torch import save_file
 
-    from tokenizers.pretrained import load_pretrained
-
-    torch.set_grad_enabled(False)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     timings = {}
@@ -136,8 +138,38 @@ def full(name: str, work: Path, n_images: int, ks: list[int], steps: int) -> dic
         decoded_ref[k] = reference_decode(reference, tokens_ref, noise, k, steps=steps)
         timings[f"reference_decode_k{k}_s"] = time.perf_counter() - start
     params = sum(p.numel() for p in reference.parameters())
+    outputs = {"images": images, "noise": noise, "tokens": tokens_ref, **{f"decoded_k{k}": v for k, v in decoded_ref.items()}}
+    meta = {"name": name, "ks": ks, "steps": steps, "images": n_images, "parameters": params, "timings": timings}
+    save_file({k: v.contiguous() for k, v in outputs.items()}, str(work / "reference_outputs.safetensors"),
+              metadata={"meta": json.dumps(meta)})
     del reference, vae
     gc.collect()
+    return meta
+
+
+def full(name: str, work: Path, n_images: int, ks: list[int], steps: int) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from tokenizers.pretrained import load_pretrained
+
+    torch.set_grad_enabled(False)
+    saved = work / "reference_outputs.safetensors"
+    wanted = {"name": name, "ks": ks, "steps": steps, "images": n_images}
+    meta = None
+    if saved.exists():
+        with safe_open(str(saved), "pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+        if {k: meta[k] for k in wanted} != wanted:
+            meta = None
+    if meta is None:
+        meta = run_reference(name, work, n_images, ks, steps)
+    else:
+        print(f"reusing the reference outputs in {saved}")
+    outputs = load_file(str(saved))
+    images, noise, tokens_ref = outputs["images"], outputs["noise"], outputs["tokens"]
+    decoded_ref = {k: outputs[f"decoded_k{k}"] for k in ks}
+    params, timings = meta["parameters"], dict(meta["timings"])
 
     start = time.perf_counter()
     ours = load_pretrained(name, work / "model", vae=work / "vae", decode_steps=steps)
