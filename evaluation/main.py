@@ -18,9 +18,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation import plots, report
-from evaluation.data import first_images, validation_batches
-from evaluation.distributed import barrier, is_main
-from evaluation.metrics import MissingWeightsError, build_fid, build_lpips, fid_description, lpips_description
+from data.splits import first_images, validation_batches
+from common.distributed import barrier, is_main
+from common.metrics import MissingWeightsError, build_fid, build_lpips, fid_description, lpips_description
+from tokenizers.loading import load_tokenizer, resolve_spec
 from evaluation.runner import EvalSettings, evaluate_tokenizer, reconstruct, resolve_token_counts
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,18 @@ def launch(cfg: DictConfig):
     return fabric
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A .ckpt file, or a run directory (its checkpoints/last.ckpt)."""
-    from training.checkpoints import resolve_resume
+class CheckpointsNotEvaluated(RuntimeError):
+    """Some checkpoints could not be read; the report of the others was written (``results``)."""
 
-    return str(Path(resolve_resume(str(path), run_dir=".", resume="never")).resolve())
+    def __init__(self, message: str, results: list[dict] | None = None):
+        super().__init__(message)
+        self.results = results or []
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A .ckpt file, a run directory (its checkpoints/last.ckpt) or a released checkpoint
+    (``pretrained:<name>:<path>``, ``tokenizers.loading``)."""
+    return resolve_spec(str(path), "checkpoints")
 
 
 def run_name(cfg_saved: DictConfig, checkpoint: str, taken: set[str]) -> str:
@@ -101,11 +109,10 @@ def build_metrics(cfg: DictConfig):
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate ``cfg.checkpoints`` and write the report to ``cfg.out``; returns the results."""
-    from training.checkpoints import load_tokenizer
-
     if not cfg.get("checkpoints") and not cfg.get("generators"):
         raise ValueError("Nothing to evaluate. Fix: pass checkpoints=[run_a/checkpoints/last.ckpt,...] "
-                         "(run directories work too) and/or generators=[...].")
+                         "(run directories and released checkpoints pretrained:<name>:<path> work too) "
+                         "and/or generators=[...].")
     fabric = launch(cfg)
     device = fabric.device
     out = Path(cfg.out)
@@ -116,7 +123,14 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     datamodule = instantiate(cfg.data)
     limit = cfg.get("limit_batches")
 
-    checkpoints = [resolve_checkpoint(p) for p in (cfg.checkpoints or [])]
+    # A missing or unreadable checkpoint among good ones must not cost the others' report:
+    # it is named in the report and in the error raised after the report is written.
+    checkpoints, failed = [], {}
+    for path in cfg.checkpoints or []:
+        try:
+            checkpoints.append(resolve_checkpoint(path))
+        except FileNotFoundError as error:
+            failed[str(path)] = str(error).split("\n")[0]
     generators = list(cfg.get("generators") or [])
     gen_tokenizers = []
     if generators:
@@ -128,7 +142,12 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     grid_inputs = first_images(validation_batches(datamodule, limit), int(cfg.grid_images)) if is_main() else None
     results, grid_rows, names, samples = [], [], set(), []
     for checkpoint in checkpoints:
-        tokenizer, saved_cfg = load_tokenizer(checkpoint, ema=bool(cfg.ema))
+        try:
+            tokenizer, saved_cfg = load_tokenizer(checkpoint, ema=bool(cfg.ema))
+        except Exception as error:  # truncated, not a checkpoint, weights not matching its config
+            failed[checkpoint] = f"cannot be loaded ({type(error).__name__}: {str(error).splitlines()[0][:300]})"
+            log.error("Skipping %s: %s", checkpoint, failed[checkpoint])
+            continue
         name = run_name(saved_cfg, checkpoint, names)
         log.info("Evaluating %s (%s) on %s", name, type(tokenizer).__name__, device)
         result = evaluate_tokenizer(
@@ -137,6 +156,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         )
         trained_at = OmegaConf.select(saved_cfg, "data.resolution", default=None)
         result = {"run": name, "checkpoint": checkpoint, **result,
+                  "source": OmegaConf.to_container(saved_cfg.source) if "source" in saved_cfg else None,
                   "conventions": conventions(cfg, lpips, settings),
                   "tokenizer_target": str(saved_cfg.tokenizer.get("_target_", "?")),
                   "trained_resolution": trained_at}
@@ -159,17 +179,26 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         for generator, tok_ckpt in zip(generators, gen_tokenizers):
             gen = evaluate_generator(resolve_checkpoint(generator), cfg, device=device, make_fid=make_fid)
             target = next(r for r in results if r["checkpoint"] == tok_ckpt)
-            samples.append((f"{target['run']}\ngenerator", gen.pop("preview")))
+            for label, images in gen.pop("previews"):
+                samples.append((f"{target['run']}\n{gen['family']}" + (f"\n{label}" if label else ""), images))
             target["generation"] = gen
 
+    problems = "\n".join(f"  {path}: {reason}" for path, reason in failed.items())
+    if failed and not results:
+        raise CheckpointsNotEvaluated(f"No checkpoint could be evaluated:\n{problems}\nFix: check the paths "
+                                      "(a .ckpt file or a run directory with checkpoints/last.ckpt).")
     if is_main():
-        write_outputs(results, out, grid_inputs, grid_rows, cfg, samples)
+        write_outputs(results, out, grid_inputs, grid_rows, cfg, samples, failed)
     barrier()
+    if failed:
+        raise CheckpointsNotEvaluated(
+            f"{len(failed)} checkpoint(s) could not be evaluated (the report of the others is in {out / 'report.md'}):\n{problems}",
+            results)
     return results
 
 
 def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: DictConfig,
-                  samples: list | None = None) -> dict[str, str]:
+                  samples: list | None = None, failed: dict[str, str] | None = None) -> dict[str, str]:
     for r in results:
         report.write_json(r, out / f"{r['run']}.json")
     report.write_csv(results, out / "report.csv")
@@ -181,8 +210,12 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
     if plots.codebook_usage(results, out / "codebook_usage.png"):
         files["codebook usage"] = "codebook_usage.png"
     if samples:
+        from evaluation.generation import plot_gfid_against_tokens
+
         plots.image_rows(samples, out / "generated_samples.png")
         files["generated samples (gFID)"] = "generated_samples.png"
+        if plot_gfid_against_tokens(results, out / "gfid_tokens.png"):
+            files["gFID against token count"] = "gfid_tokens.png"
     notes = []
     if bool(cfg.metrics.fid.random_features) or any("RANDOM" in r["conventions"]["LPIPS"] for r in results):
         notes.append("**SMOKE RUN**: random feature networks; rFID / LPIPS values only check the pipeline.")
@@ -190,6 +223,8 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
         if r.get("trained_resolution") is not None and int(r["trained_resolution"]) != int(cfg.data.resolution):
             notes.append(f"`{r['run']}` was trained at {r['trained_resolution']} px and evaluated at "
                          f"{cfg.data.resolution} px.")
+    for path, reason in (failed or {}).items():
+        notes.append(f"**NOT EVALUATED** `{path}`: {reason}")
     if cfg.get("limit_batches"):
         notes.append(f"limit_batches={cfg.limit_batches} per rank: only part of the split was evaluated.")
     report.write_markdown(results, out / "report.md", files, notes)
@@ -200,11 +235,11 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
 
 def log_to_wandb(results: list[dict], out: Path, files: dict[str, str], cfg: DictConfig) -> None:
     """The same table and plots as a W&B run (``logger=wandb``; offline without credentials,
-    decided by ``training.loggers``). Other loggers have no tables and are ignored here."""
+    decided by ``common.loggers``). Other loggers have no tables and are ignored here."""
     spec = (cfg.get("logger") or {}).get("wandb")
     if not spec:
         return
-    from training.loggers import wandb_logger
+    from common.loggers import wandb_logger
 
     # built from the few keys that mean something here (the train-side config interpolates
     # the tokenizer choice, which an evaluation does not have)

@@ -312,7 +312,13 @@ def test_a_tokenizer_vae_checkpoint_is_loaded_frozen_and_used(tmp_path):
     assert not model.codec.is_stand_in
     assert not any(p.requires_grad for p in model.codec.vae.parameters())
     x = images()
-    assert torch.allclose(model.images_to_latents(x), vae.eval().encode_latents(x), atol=1e-5)
+    raw = vae.eval().encode_latents(x)
+    assert torch.isnan(model.latent_scale)  # latent_scale=None: measured on the first batch
+    scaled = model.images_to_latents(x)
+    assert torch.allclose(model.latent_scale, 1 / raw.std(), rtol=1e-4)
+    assert torch.allclose(scaled, raw * model.latent_scale, atol=1e-5)
+    assert torch.allclose(model.images_to_latents(images(seed=1)), vae.encode_latents(images(seed=1)) / raw.std(),
+                          atol=1e-5)  # measured once, then fixed
     assert set(model(x).losses) == {"flow", "repa"}
     assert model.decode(model.encode(x), num_tokens=2, steps=1).shape == x.shape
 
@@ -345,3 +351,20 @@ def test_lazy_teacher_is_not_loaded_until_repa_needs_it():
     assert not model.teacher.loaded
     model(images())
     assert model.teacher.loaded
+
+
+def test_register_tokens_follow_the_reference_order_and_null_conditions():
+    """Position added to the embedded codes, then nested dropout (mask token, no position),
+    then the null condition (learned token or zeros, no position) over every register."""
+    for null_condition in ("learned", "zero"):
+        model = randomized(tiny_flextok(null_condition=null_condition, repa_weight=0.0, teacher=None))
+        dec = model.decoder
+        codes = torch.rand(2, 8, 6) * 2 - 1
+        keep, null = torch.tensor([3, 8]), torch.tensor([False, True])
+        tokens = dec.register_tokens(codes, keep, null)
+        embedded = dec.register_embed(codes[0]) + dec.register_pos
+        assert torch.allclose(tokens[0, :3], embedded[:3])
+        assert torch.equal(tokens[0, 3:], dec.mask_token.expand(5, -1))
+        expected_null = dec.null_token if null_condition == "learned" else torch.zeros(dec.width)
+        assert torch.equal(tokens[1], expected_null.expand(8, -1))
+    assert tiny_flextok(null_condition="zero", repa_weight=0.0, teacher=None).decoder.null_token is None
