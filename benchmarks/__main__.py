@@ -27,8 +27,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads per process (default 2)")
     p.add_argument("--sections", default=None,
                    help="comma list of: tokenizer_step, quantizer, flextok_step, data, evaluator, generator, ddp")
-    p.add_argument("--mem-cap-gib", type=float, default=8.0,
-                   help="address-space cap for peers that may exhaust memory (reported as out of memory)")
+    p.add_argument("--mem-cap-gib", type=float, default=16.0,
+                   help="address-space cap (virtual memory, incl. ~4 GiB of mapped libraries) for peers that may exhaust memory; hitting it is reported as out of memory")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per measurement process")
     return p.parse_args(argv)
 

@@ -100,7 +100,7 @@ def run_data(spec: dict) -> dict:
 
 def run_evaluator(spec: dict) -> dict:
     from benchmarks.measure import time_calls
-    from evaluation.metrics import build_fid, build_lpips, psnr_per_image, ssim_per_image, to_pixels, to_uint8
+    from common.metrics import build_fid, build_lpips, psnr_per_image, ssim_per_image, to_pixels, to_uint8
 
     torch.manual_seed(0)
     res, batch = spec["resolution"], spec["batch"]
