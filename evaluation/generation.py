@@ -54,7 +54,7 @@ def build_inception_score(weights: str | None = None, random_features: bool = Fa
     from common.metrics import RandomFeatures, find_inception_weights
 
     if random_features:
-        return InceptionScore(feature=RandomFeatures(), splits=1)
+        return InceptionScore(feature=RandomFeatures(), splits=2)
     network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
                                  feature_extractor_weights_path=str(find_inception_weights(weights)), antialias=False)
     return InceptionScore(feature=network, splits=10)
