@@ -167,6 +167,7 @@ def evaluate_generator(checkpoint: str, cfg: DictConfig, device: torch.device,
     headline = by_tokens[list(by_tokens)[-1]]  # the whole token set / the largest count
     result = {
         "checkpoint": str(checkpoint),
+        "run": str(saved.get("run_name") or Path(checkpoint).parent.parent.name),
         "family": facts["family"],
         "gfid": headline["gfid"],
         "inception_score": headline.get("inception_score"),
