@@ -57,7 +57,7 @@ def test_ckpt_path_may_be_a_run_directory(tmp_path):
 def test_unknown_tokenizer_lists_the_available_options(tmp_path):
     p = run_train([f"hydra.run.dir={tmp_path}", "tokenizer=nonexistent"])
     assert p.returncode != 0
-    assert "Could not find 'tokenizer/nonexistent'" in p.stderr
+    assert "There is no tokenizer=nonexistent" in p.stderr
     assert "vqgan" in p.stderr  # Hydra lists the options
 
 

@@ -247,6 +247,28 @@ class TokenizerModule(pl.LightningModule):
                       batch_size=images.shape[0])
 
     # -- checkpoints ---------------------------------------------------------------------
+    def rebuilt_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of frozen networks loaded from their own weight files
+        (``rebuilt_from_weight_file``, e.g. LPIPS' VGG16): built again from those files, so
+        checkpoints leave them out (the demo's LPIPS alone was 59 MB of 137 MB)."""
+        return tuple(f"{name}." for name, m in self.named_modules()
+                     if name and getattr(m, "rebuilt_from_weight_file", False))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["config"] = self.run_config
+        prefixes = self.rebuilt_prefixes()
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(prefixes)] if prefixes else []:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints without the rebuilt networks take them from this freshly built module
+        # (strict loading still catches every other missing key); older checkpoints that
+        # hold them load them as before.
+        prefixes = self.rebuilt_prefixes()
+        state = checkpoint.get("state_dict")
+        if prefixes and state is not None:
+            for key, value in self.state_dict().items():
+                if key.startswith(prefixes) and key not in state:
+                    state[key] = value
