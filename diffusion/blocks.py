@@ -108,18 +108,23 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # -- layers ---------------------------------------------------------------------------
 class Attention(nn.Module):
-    """Multi-head self-attention with optional QK-norm, rotary positions and a boolean mask."""
+    """Multi-head self-attention with optional QK-norm, rotary positions and a boolean mask.
+
+    ``scale``: the logit scale, default ``head_dim ** -0.5``; FlexTok's reference uses
+    muP's ``8 / head_dim`` (the same number at head_dim 64)."""
 
     def __init__(self, dim: int, heads: int, qk_norm: bool = True, norm: str = "layernorm",
-                 bias: bool = False):
+                 bias: bool = False, norm_eps: float = 1e-6, scale: float | None = None,
+                 qk_norm_affine: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by heads {heads}.")
         self.heads = heads
         self.head_dim = dim // heads
+        self.scale = scale
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.q_norm = make_norm(norm, self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = make_norm(norm, self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = make_norm(norm, self.head_dim, qk_norm_affine, norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = make_norm(norm, self.head_dim, qk_norm_affine, norm_eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -128,7 +133,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -201,12 +206,14 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, norm: str = "layernorm",
                  norm_affine: bool = False, qk_norm: bool = True, bias: bool = False,
-                 cond_dim: int | None = None, adaln_groups: int = 1):
+                 cond_dim: int | None = None, adaln_groups: int = 1, norm_eps: float = 1e-6,
+                 attn_scale: float | None = None, qk_norm_affine: bool = True):
         super().__init__()
         affine = norm_affine and cond_dim is None
-        self.norm1 = make_norm(norm, dim, affine=affine)
-        self.attn = Attention(dim, heads, qk_norm=qk_norm, norm=norm, bias=bias)
-        self.norm2 = make_norm(norm, dim, affine=affine)
+        self.norm1 = make_norm(norm, dim, affine=affine, eps=norm_eps)
+        self.attn = Attention(dim, heads, qk_norm=qk_norm, norm=norm, bias=bias, norm_eps=norm_eps,
+                              scale=attn_scale, qk_norm_affine=qk_norm_affine)
+        self.norm2 = make_norm(norm, dim, affine=affine, eps=norm_eps)
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio), bias=bias)
         self.modulation = AdaLNModulation(cond_dim, dim, 6, adaln_groups) if cond_dim is not None else None
 
@@ -228,9 +235,10 @@ class Block(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) + norm + zero-initialised linear: the flow models' output head."""
 
-    def __init__(self, dim: int, out_dim: int, cond_dim: int, norm: str = "layernorm", adaln_groups: int = 1):
+    def __init__(self, dim: int, out_dim: int, cond_dim: int, norm: str = "layernorm", adaln_groups: int = 1,
+                 norm_eps: float = 1e-6):
         super().__init__()
-        self.norm = make_norm(norm, dim, affine=False)
+        self.norm = make_norm(norm, dim, affine=False, eps=norm_eps)
         self.modulation = AdaLNModulation(cond_dim, dim, 2, adaln_groups)
         self.linear = nn.Linear(dim, out_dim)
         nn.init.zeros_(self.linear.weight)
@@ -242,12 +250,16 @@ class FinalLayer(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] (diffusion.flow's convention) -> (B, dim): sinusoidal features of
-    1000 * t (the DiT frequency range) followed by an MLP."""
+    """t in [0, 1] (diffusion.flow's convention) -> (B, dim): sinusoidal features
+    ``[cos, sin](time_scale * t * max_period ** (-i / half))`` followed by an MLP.
 
-    def __init__(self, dim: int, frequency_dim: int = 256):
+    Defaults are DiT's (time_scale 1000, max_period 10000); FlexTok's reference uses
+    max_period 256 (and time_scale = 1000 / its ``max_timestep``)."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256, max_period: float = 10000.0, time_scale: float = 1000.0):
         super().__init__()
         self.frequency_dim = frequency_dim
+        self.max_period, self.time_scale = float(max_period), float(time_scale)
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         for layer in (self.mlp[0], self.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
@@ -255,8 +267,9 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         half = self.frequency_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angles = 1000.0 * t.float()[:, None] * freqs[None]
+        freqs = self.time_scale * torch.exp(
+            -math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = t.float()[:, None] * freqs[None]
         features = torch.cat([angles.cos(), angles.sin()], dim=-1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 

@@ -14,6 +14,12 @@ classifier-free guidance ``u + s (c - u)`` on ALL channels (LightningDiT guides 
 the first 3 channels, a DiT leftover we do not copy), applied only while t lies inside
 ``guidance_interval = (t_low, t_high)``; outside it the conditional prediction is used.
 Setting ``t_high < 1`` switches guidance off at the high-noise end.
+
+``NormGuidance`` is the adaptive projected guidance (APG, Sadat et al. 2024,
+arXiv:2410.02416) FlexTok's reference decodes with: the guidance direction ``c - u`` is
+accumulated with momentum (-0.5), its norm per sample clipped at 2.5, and only its part
+orthogonal to the conditional prediction is added: ``c + (s - 1) * orth``. It keeps
+state across the steps of one sampling run: build one per run.
 """
 from __future__ import annotations
 
@@ -71,6 +77,38 @@ def guide(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     if scale == 1.0:
         return cond
     return uncond + scale * (cond - uncond)
+
+
+class NormGuidance:
+    """APG as in FlexTok's reference (``cfg_utils.normalized_guidance``), one per sampling run.
+
+    ``__call__(cond, uncond, scale)`` with predictions (B, C, H, W): per sample, the
+    running direction ``r = (c - u) + momentum * r`` (stored unclipped), clipped to norm
+    ``norm_threshold`` over (C, H, W), split (in float64) into parts parallel and
+    orthogonal to ``c``; returns ``c + (scale - 1) * (orth + eta * parallel)``.
+    """
+
+    def __init__(self, momentum: float = -0.5, eta: float = 0.0, norm_threshold: float = 2.5):
+        self.momentum, self.eta, self.norm_threshold = float(momentum), float(eta), float(norm_threshold)
+        self.running: Tensor | None = None
+
+    def __call__(self, cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+        diff = cond - uncond
+        if self.momentum != 0.0:
+            self.running = diff if self.running is None else diff + self.momentum * self.running
+            diff = self.running
+        dims = tuple(range(1, cond.ndim))
+        if self.norm_threshold > 0:
+            norm = diff.norm(p=2, dim=dims, keepdim=True)
+            diff = diff * torch.minimum(torch.ones_like(diff), self.norm_threshold / norm)
+        unit = torch.nn.functional.normalize(cond.double().flatten(1), dim=1).view_as(cond)
+        parallel = (diff.double() * unit).sum(dim=dims, keepdim=True) * unit
+        orthogonal = diff.double() - parallel
+        update = orthogonal.to(cond.dtype) + self.eta * parallel.to(cond.dtype)
+        return cond + (scale - 1) * update
+
+
+GUIDANCE_METHODS = ("cfg", "apg")
 
 
 def in_guidance_interval(t: float, interval: tuple[float, float]) -> bool:

@@ -9,7 +9,8 @@ API::
                       heads=12, num_classes=1000, class_dropout=0.1, qk_norm=True, use_rope=True)
     v = model(x_t, t, y)          # x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int64 -> (B, C, H, W)
     loss = flow.flow_loss(v, flow.velocity_target(x0, eps))
-    x0 = model.sample(y, steps=50, guidance=4.0, guidance_interval=(0.0, 0.7), shift=1.0)
+    x0 = model.sample(y, steps=50, guidance=4.0, guidance_interval=(0.0, 0.7), shift=1.0,
+                      guided_channels=None)
 
 - ``y == model.null_class`` (= ``num_classes``) is the unconditional label. In training
   mode (or with ``drop_labels=True``) each label is replaced by it with probability
@@ -20,7 +21,23 @@ API::
   sin-cos embedding added at the input plus optional 2D RoPE in every attention layer.
   Reference sizes (hidden/depth/heads): B 768/12/12, L 1024/24/16, XL 1152/28/16.
 - ``sample`` batches the conditional and unconditional branches into one forward pass
-  and guides all channels, only while t lies inside ``guidance_interval``.
+  and guides the first ``guided_channels`` channels (None: all), only while t lies inside
+  ``guidance_interval``.
+
+LightningDiT's reference sampler in this convention. Its code (SiT's transport) has t = 0
+NOISE, t = 1 DATA, ``x_t = t * x_data + (1 - t) * eps`` and predicts ``x_data - eps``. With
+tau = 1 - t (ours), the velocity only changes sign, and its settings become:
+
+=============================  ====================================  =============================
+LightningDiT (its t)           here (t = 1 - its t)                  why
+=============================  ====================================  =============================
+``num_sampling_steps: 250``    ``steps: 249``                        torchdiffeq's Euler over 250
+                                                                     time points takes 249 steps
+``timestep_shift: 0.3``        ``shift: 3.333`` (1 / 0.3)            ``1 - f_s(1 - tau) = f_{1/s}(tau)``
+                                                                     for ``f_s(u) = s u / (1 + (s - 1) u)``
+``cfg_interval_start: 0.125``  ``guidance_interval: [0, 0.875]``     guided where its t >= 0.125
+``cfg_scale: 6.7`` on 3 ch.    ``cfg_scale: 6.7, guided_channels: 3``  (DiT's learn-sigma leftover)
+=============================  ====================================  =============================
 """
 from __future__ import annotations
 
@@ -94,8 +111,11 @@ class LatentDiT(nn.Module):
     @torch.no_grad()
     def sample(self, y: Tensor, steps: int = 50, guidance: float = 1.0,
                guidance_interval: tuple[float, float] = (0.0, 1.0), shift: float = 1.0,
-               noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Latents (normalised space) for labels y with the Euler sampler of ``diffusion.flow``."""
+               guided_channels: int | None = None, noise: Tensor | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Latents (normalised space) for labels y with the Euler sampler of ``diffusion.flow``;
+        guidance acts on the first ``guided_channels`` channels (None: all), the other
+        channels follow the conditional prediction."""
         shape = (y.shape[0], self.in_channels, self.input_size, self.input_size)
         if noise is None:
             noise = torch.randn(shape, device=y.device, generator=generator)
@@ -106,6 +126,7 @@ class LatentDiT(nn.Module):
                 return self(x, t, y, drop_labels=False)
             both = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), drop_labels=False)
             cond, uncond = both.chunk(2)
-            return flow.guide(cond, uncond, guidance)
+            c = self.in_channels if guided_channels is None else int(guided_channels)
+            return torch.cat([flow.guide(cond[:, :c], uncond[:, :c], guidance), cond[:, c:]], dim=1)
 
         return flow.euler_sample(velocity, noise, steps=steps, shift=shift)

@@ -18,9 +18,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation import plots, report
-from evaluation.data import first_images, validation_batches
-from evaluation.distributed import barrier, is_main
-from evaluation.metrics import MissingWeightsError, build_fid, build_lpips, fid_description, lpips_description
+from data.splits import first_images, validation_batches
+from common.distributed import barrier, is_main
+from common.metrics import MissingWeightsError, build_fid, build_lpips, fid_description, lpips_description
+from tokenizers.loading import load_tokenizer, resolve_spec
 from evaluation.runner import EvalSettings, evaluate_tokenizer, reconstruct, resolve_token_counts
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,9 @@ def launch(cfg: DictConfig):
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A .ckpt file, or a run directory (its checkpoints/last.ckpt)."""
-    from training.checkpoints import resolve_resume
-
-    return str(Path(resolve_resume(str(path), run_dir=".", resume="never")).resolve())
+    """A .ckpt file, a run directory (its checkpoints/last.ckpt) or a released checkpoint
+    (``pretrained:<name>:<path>``, ``tokenizers.loading``)."""
+    return resolve_spec(str(path), "checkpoints")
 
 
 def run_name(cfg_saved: DictConfig, checkpoint: str, taken: set[str]) -> str:
@@ -101,11 +101,10 @@ def build_metrics(cfg: DictConfig):
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate ``cfg.checkpoints`` and write the report to ``cfg.out``; returns the results."""
-    from training.checkpoints import load_tokenizer
-
     if not cfg.get("checkpoints") and not cfg.get("generators"):
         raise ValueError("Nothing to evaluate. Fix: pass checkpoints=[run_a/checkpoints/last.ckpt,...] "
-                         "(run directories work too) and/or generators=[...].")
+                         "(run directories and released checkpoints pretrained:<name>:<path> work too) "
+                         "and/or generators=[...].")
     fabric = launch(cfg)
     device = fabric.device
     out = Path(cfg.out)
@@ -137,6 +136,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         )
         trained_at = OmegaConf.select(saved_cfg, "data.resolution", default=None)
         result = {"run": name, "checkpoint": checkpoint, **result,
+                  "source": OmegaConf.to_container(saved_cfg.source) if "source" in saved_cfg else None,
                   "conventions": conventions(cfg, lpips, settings),
                   "tokenizer_target": str(saved_cfg.tokenizer.get("_target_", "?")),
                   "trained_resolution": trained_at}
@@ -159,7 +159,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         for generator, tok_ckpt in zip(generators, gen_tokenizers):
             gen = evaluate_generator(resolve_checkpoint(generator), cfg, device=device, make_fid=make_fid)
             target = next(r for r in results if r["checkpoint"] == tok_ckpt)
-            samples.append((f"{target['run']}\ngenerator", gen.pop("preview")))
+            for label, images in gen.pop("previews"):
+                samples.append((f"{target['run']}\n{gen['family']}" + (f"\n{label}" if label else ""), images))
             target["generation"] = gen
 
     if is_main():
@@ -181,8 +182,12 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
     if plots.codebook_usage(results, out / "codebook_usage.png"):
         files["codebook usage"] = "codebook_usage.png"
     if samples:
+        from evaluation.generation import plot_gfid_against_tokens
+
         plots.image_rows(samples, out / "generated_samples.png")
         files["generated samples (gFID)"] = "generated_samples.png"
+        if plot_gfid_against_tokens(results, out / "gfid_tokens.png"):
+            files["gFID against token count"] = "gfid_tokens.png"
     notes = []
     if bool(cfg.metrics.fid.random_features) or any("RANDOM" in r["conventions"]["LPIPS"] for r in results):
         notes.append("**SMOKE RUN**: random feature networks; rFID / LPIPS values only check the pipeline.")
@@ -200,11 +205,11 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
 
 def log_to_wandb(results: list[dict], out: Path, files: dict[str, str], cfg: DictConfig) -> None:
     """The same table and plots as a W&B run (``logger=wandb``; offline without credentials,
-    decided by ``training.loggers``). Other loggers have no tables and are ignored here."""
+    decided by ``common.loggers``). Other loggers have no tables and are ignored here."""
     spec = (cfg.get("logger") or {}).get("wandb")
     if not spec:
         return
-    from training.loggers import wandb_logger
+    from common.loggers import wandb_logger
 
     # built from the few keys that mean something here (the train-side config interpolates
     # the tokenizer choice, which an evaluation does not have)

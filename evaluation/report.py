@@ -45,6 +45,8 @@ Column = tuple[str, str, Callable[[dict, dict], Any], Callable[[Any], str]]
 COLUMNS: list[Column] = [
     ("run", "run", lambda r, row: r["run"], str),
     ("family", "family", lambda r, row: r["facts"]["family"], str),
+    # released file / trained here, and which weights (EMA, raw, as released)
+    ("source", "source", lambda r, row: _source(r), str),
     ("tokens", "tokens/img", lambda r, row: row["tokens_per_image"], str),
     ("bits_per_image", "bits/img", lambda r, row: row["bits_per_image"], lambda v: _num(v, 0)),
     ("latent_shape", "latent CxHxW", lambda r, row: _shape(r["facts"]["latent_shape"]), str),
@@ -62,14 +64,32 @@ COLUMNS: list[Column] = [
     ("num_images", "images", lambda r, row: row["num_images"], str),
 ]
 
-GFID_COLUMN: Column = ("gfid", "gFID", lambda r, row: (r.get("generation") or {}).get("gfid"), lambda v: _num(v, 2))
+def _generation(key: str) -> Callable[[dict, dict], Any]:
+    """A generation metric for a row: at the row's token count for 1D-token generators."""
+    def get(r: dict, row: dict) -> Any:
+        gen = r.get("generation") or {}
+        if f"{key}_by_tokens" in gen:
+            return gen[f"{key}_by_tokens"].get(str(row["tokens_per_image"]))
+        return gen.get(key)
+    return get
+
+
+GENERATION_COLUMNS: list[Column] = [("gfid", "gFID", _generation("gfid"), lambda v: _num(v, 2)),
+                                    ("inception_score", "IS", _generation("inception_score"), lambda v: _num(v, 1))]
+
+
+def _source(result: dict) -> str:
+    source = result.get("source") or {}
+    kind = {"released": "released file", "trained": "trained here"}.get(source.get("kind"), "?")
+    return f"{kind} ({source.get('weights', '?')})"
 
 
 def columns_for(results: list[dict]) -> list[Column]:
-    """The gFID column appears when at least one checkpoint has a generator evaluated."""
+    """The gFID / IS columns appear when at least one checkpoint has a generator evaluated."""
     cols = list(COLUMNS)
     if any(r.get("generation") for r in results):
-        cols.insert(cols.index(next(c for c in cols if c[0] == "lpips")) + 1, GFID_COLUMN)
+        at = cols.index(next(c for c in cols if c[0] == "lpips")) + 1
+        cols[at:at] = GENERATION_COLUMNS
     return cols
 
 
@@ -123,7 +143,8 @@ def write_markdown(results: list[dict], path: str | Path, plots: dict[str, str],
                      f"{r['facts']['codebook_sizes'] or NOT_APPLICABLE}, token grid {_shape(r['facts']['token_shape'])})")
         gen = r.get("generation")
         if gen:
-            lines.append(f"  - generator {gen['checkpoint']}: gFID {_num(gen['gfid'], 2)} ({gen['note']}) "
+            lines.append(f"  - generator {gen['checkpoint']} ({gen.get('family', '?')}): gFID {_num(gen['gfid'], 2)}, "
+                         f"IS {_num(gen.get('inception_score'), 1)} ({gen['note']}) "
                          f"sampling: {gen['sampling']}; against {gen['reference']}")
     if plots:
         lines += ["", "## Plots", ""]

@@ -8,7 +8,7 @@ prefix) are measured at each requested token count, one row each.
 Per rank the pass keeps sums and counts (per-image PSNR / SSIM / LPIPS, code counts,
 FID feature sums, spectrum sums, timings); they are reduced across ranks once at the
 end, so N ranks give the numbers of one (the data split must hand each image to exactly
-one rank: ``evaluation.data``).
+one rank: ``data.splits``).
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from evaluation.distributed import all_reduce_max, all_reduce_sum, reduce_device
-from evaluation.metrics import (
+from data.splits import real_images
+from common.distributed import all_reduce_max, all_reduce_sum, reduce_device
+from common.metrics import (
     CodeUsage,
     MeanMeter,
     as_index_maps,
@@ -40,18 +41,6 @@ class EvalSettings:
     decode_options: dict[str, Any] = field(default_factory=dict)  # e.g. FlexTok sampling steps
     spectrum_bands: int = 8
     autocast_dtype: torch.dtype | None = None  # bf16 on GPU; None = fp32
-
-
-def real_images(batch) -> Tensor:
-    """Images of a validation batch without the padding rows (label ``PADDING_LABEL``) that
-    the datamodules add so that every rank gets the same number of batches."""
-    from data.common import PADDING_LABEL
-
-    if not isinstance(batch, (list, tuple)):
-        return batch
-    images, labels = batch[0], batch[1]
-    keep = labels != PADDING_LABEL
-    return images if bool(keep.all()) else images[keep.to(images.device)]
 
 
 def supports_num_tokens(tokenizer) -> bool:

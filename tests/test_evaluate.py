@@ -16,8 +16,8 @@ from torch import Tensor
 
 from data.synthetic import SyntheticDataModule
 from evaluation import plots, report
-from evaluation.data import first_images, validation_batches
-from evaluation.metrics import build_fid
+from data.splits import first_images, validation_batches
+from common.metrics import build_fid
 from evaluation.runner import EvalSettings, evaluate_tokenizer, reconstruct, resolve_token_counts
 from tokenizers.contract import Tokenizer
 

@@ -312,7 +312,13 @@ def test_a_tokenizer_vae_checkpoint_is_loaded_frozen_and_used(tmp_path):
     assert not model.codec.is_stand_in
     assert not any(p.requires_grad for p in model.codec.vae.parameters())
     x = images()
-    assert torch.allclose(model.images_to_latents(x), vae.eval().encode_latents(x), atol=1e-5)
+    raw = vae.eval().encode_latents(x)
+    assert torch.isnan(model.latent_scale)  # latent_scale=None: measured on the first batch
+    scaled = model.images_to_latents(x)
+    assert torch.allclose(model.latent_scale, 1 / raw.std(), rtol=1e-4)
+    assert torch.allclose(scaled, raw * model.latent_scale, atol=1e-5)
+    assert torch.allclose(model.images_to_latents(images(seed=1)), vae.encode_latents(images(seed=1)) / raw.std(),
+                          atol=1e-5)  # measured once, then fixed
     assert set(model(x).losses) == {"flow", "repa"}
     assert model.decode(model.encode(x), num_tokens=2, steps=1).shape == x.shape
 

@@ -2,7 +2,7 @@
 import pytest
 
 from helpers import run_train
-from training import loggers
+from common import loggers
 
 
 @pytest.fixture

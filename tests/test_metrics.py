@@ -1,10 +1,10 @@
-"""Claims about the evaluator's metrics (evaluation/metrics.py)."""
+"""Claims about the evaluator's metrics (common/metrics.py)."""
 import math
 
 import pytest
 import torch
 
-from evaluation.metrics import (
+from common.metrics import (
     INCEPTION_FILE,
     CodeUsage,
     MeanMeter,

@@ -62,7 +62,7 @@ def test_smoke_run_trains(tmp_path, overrides):
 
 @pytest.mark.slow
 def test_vavae_checkpoint_rebuilds_and_encodes(tmp_path):
-    from training.checkpoints import load_tokenizer
+    from tokenizers.loading import load_tokenizer
 
     run = tmp_path / "run"
     p = run_train([f"hydra.run.dir={run}", "debug=smoke", "tokenizer=vavae", "trainer.max_steps=2"])

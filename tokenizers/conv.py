@@ -86,7 +86,9 @@ class Encoder(nn.Module):
 
     ``trunk`` returns the middle-block features (``trunk_channels`` wide); ``forward``
     adds GroupNorm + SiLU + conv to ``out_channels`` (``z_channels``, doubled for a KL
-    VAE's mean and log-variance with ``double_z``).
+    VAE's mean and log-variance with ``double_z``). ``level_attention=False``: no
+    attention after the res blocks of the lowest level (LDM kl-f8 / diffusers
+    AutoencoderKL: attention only in the middle block).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class Encoder(nn.Module):
         double_z: bool = False,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        level_attention: bool = True,
     ):
         super().__init__()
         self.downsample_factor = 2 ** (len(mults) - 1)
@@ -110,7 +113,7 @@ class Encoder(nn.Module):
             for _ in range(num_res_blocks):
                 blocks.append(ResBlock(ch, width * m, dropout, norm_groups))
                 ch = width * m
-                if i == len(mults) - 1:
+                if i == len(mults) - 1 and level_attention:
                     blocks.append(AttnBlock(ch, norm_groups))
             if i != len(mults) - 1:
                 blocks.append(Downsample(ch))
@@ -133,7 +136,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent map (``z_channels``) -> images, upsampling by ``2 ** (len(mults) - 1)``."""
+    """Latent map (``z_channels``) -> images, upsampling by ``2 ** (len(mults) - 1)``.
+    ``level_attention`` as in ``Encoder``."""
 
     def __init__(
         self,
@@ -144,6 +148,7 @@ class Decoder(nn.Module):
         z_channels: int = 256,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        level_attention: bool = True,
     ):
         super().__init__()
         self.upsample_factor = 2 ** (len(mults) - 1)
@@ -157,7 +162,7 @@ class Decoder(nn.Module):
             for _ in range(num_res_blocks):
                 blocks.append(ResBlock(ch, width * m, dropout, norm_groups))
                 ch = width * m
-                if i == len(mults) - 1:
+                if i == len(mults) - 1 and level_attention:
                     blocks.append(AttnBlock(ch, norm_groups))
             if i != 0:
                 blocks.append(Upsample(ch))

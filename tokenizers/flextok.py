@@ -35,7 +35,7 @@ used, only if ``allow_stand_in=true`` (debug=smoke sets it), with a warning.
 The REPA teacher is likewise held outside the module tree (``TeacherHandle``); besides a
 teacher spec mapping ({name, weights, random}) the constructor accepts any frozen
 callable with ``embed_dim`` returning ``.patches`` and ``.grid`` (tests pass a fake).
-``load_teachers=false`` (set by ``training.checkpoints.load_tokenizer``) defers loading
+``load_teachers=false`` (set by ``tokenizers.loading.load_tokenizer``) defers loading
 the teacher's weights to its first use, so checkpoints rebuild for encode / decode on
 machines without them.
 """
@@ -58,6 +58,8 @@ from tokenizers.fsq import FSQ
 log = logging.getLogger(__name__)
 
 NESTED_DROPOUT_MODES = ("uniform", "pow2", "pow2_round", "none")
+NULL_CONDITIONS = ("learned", "zero")
+NORM_EPS = 1e-5  # the reference's LayerNorm default
 
 
 # -- nested dropout -------------------------------------------------------------------------
@@ -155,7 +157,7 @@ class FrozenLatentCodec:
 
 def load_latent_codec(vae_ckpt: str | None, allow_stand_in: bool, stand_in_downsample: int) -> FrozenLatentCodec:
     if vae_ckpt:
-        from training.checkpoints import load_tokenizer
+        from tokenizers.loading import load_tokenizer
 
         vae, _ = load_tokenizer(vae_ckpt)
         if not hasattr(vae, "encode_latents") or not hasattr(vae, "latent_shape"):
@@ -204,6 +206,13 @@ def hold_teacher(teacher, lazy: bool = False):
 
 
 # -- encoder and decoder -----------------------------------------------------------------------
+def reference_block(width: int, head_dim: int, mlp_ratio: float, **conditioning) -> Block:
+    """A transformer block as FlexTok's reference builds it: LayerNorm (eps 1e-5, no affine,
+    no bias) also as QK-norm, no linear biases, SwiGLU, muP attention scale 8 / head_dim."""
+    return Block(width, width // head_dim, mlp_ratio, norm="layernorm", norm_affine=False, qk_norm=True,
+                 bias=False, norm_eps=NORM_EPS, attn_scale=8.0 / head_dim, qk_norm_affine=False, **conditioning)
+
+
 class FlexTokEncoder(nn.Module):
     """Latent patches + registers -> one ``code_dim`` vector per register (before FSQ)."""
 
@@ -213,15 +222,13 @@ class FlexTokEncoder(nn.Module):
         if width % head_dim:
             raise ValueError(f"encoder width {width} is not divisible by head_dim {head_dim}.")
         self.patch_size, self.width, self.num_registers = patch_size, width, num_registers
-        self.patch_embed = nn.Linear(in_channels * patch_size**2, width, bias=False)
+        self.patch_embed = nn.Linear(in_channels * patch_size**2, width)
         self.registers = nn.Parameter(torch.randn(num_registers, width) * 0.02)
-        self.blocks = nn.ModuleList(
-            Block(width, width // head_dim, mlp_ratio, norm="layernorm", norm_affine=False, qk_norm=True, bias=False)
-            for _ in range(depth)
-        )
-        self.norm = make_norm("layernorm", width, affine=False)
-        self.head = nn.Linear(width, code_dim, bias=False)
+        self.blocks = nn.ModuleList(reference_block(width, head_dim, mlp_ratio) for _ in range(depth))
+        self.norm = make_norm("layernorm", width, affine=False, eps=NORM_EPS)
+        self.head = nn.Linear(width, code_dim)
         nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def input_tokens(self, latents: Tensor) -> Tensor:
         """(B, C, h, w) -> the initial sequence [patches + sin-cos, registers], (B, N + R, width)."""
@@ -251,31 +258,37 @@ class FlexTokDecoder(nn.Module):
 
     def __init__(self, latent_channels: int, patch_size: int = 2, width: int = 768, depth: int = 12,
                  head_dim: int = 64, num_registers: int = 256, code_dim: int = 6, mlp_ratio: float = 4.0,
-                 separate_register_modulation: bool = True):
+                 separate_register_modulation: bool = True, null_condition: str = "learned",
+                 time_max_period: float = 256.0, time_scale: float = 1000.0):
         super().__init__()
         if width % head_dim:
             raise ValueError(f"decoder width {width} is not divisible by head_dim {head_dim}.")
+        if null_condition not in NULL_CONDITIONS:
+            raise ValueError(f"null_condition={null_condition!r} is not known; use one of {NULL_CONDITIONS}.")
         self.patch_size, self.width, self.num_registers = patch_size, width, num_registers
         self.latent_channels = latent_channels
         self.patch_embed = nn.Linear(latent_channels * patch_size**2, width)
         self.register_embed = nn.Linear(code_dim, width)
         self.register_pos = nn.Parameter(torch.randn(num_registers, width) * 0.02)
         self.mask_token = nn.Parameter(torch.randn(width) * 0.02)  # nested dropout
-        self.null_token = nn.Parameter(torch.randn(width) * 0.02)  # unconditional branch (CFG)
-        self.t_embed = TimestepEmbedder(width)
+        # unconditional branch (CFG): a learned token in every register slot, or zeros
+        self.null_token = nn.Parameter(torch.randn(width) * 0.02) if null_condition == "learned" else None
+        self.t_embed = TimestepEmbedder(width, max_period=time_max_period, time_scale=time_scale)
         self.blocks = nn.ModuleList(
-            Block(width, width // head_dim, mlp_ratio, norm="layernorm", qk_norm=True, bias=False,
-                  cond_dim=width, adaln_groups=2 if separate_register_modulation else 1)
+            reference_block(width, head_dim, mlp_ratio, cond_dim=width,
+                            adaln_groups=2 if separate_register_modulation else 1)
             for _ in range(depth)
         )
-        self.final = FinalLayer(width, latent_channels * patch_size**2, cond_dim=width)
+        self.final = FinalLayer(width, latent_channels * patch_size**2, cond_dim=width, norm_eps=NORM_EPS)
 
     def register_tokens(self, codes: Tensor, keep: Tensor, null: Tensor) -> Tensor:
-        """FSQ codes (B, R, code_dim) -> register tokens with nested dropout and the null condition."""
+        """FSQ codes (B, R, code_dim) -> register tokens: embedded plus their position, then
+        (as in the reference, after the position) nested dropout and the null condition."""
         tokens = self.register_embed(codes.to(self.register_embed.weight.dtype))
+        tokens = tokens + self.register_pos.to(tokens.dtype)
         tokens = apply_nested_dropout(tokens, keep, self.mask_token)
-        tokens = torch.where(null[:, None, None], self.null_token.to(tokens.dtype), tokens)
-        return tokens + self.register_pos.to(tokens.dtype)
+        null_token = self.null_token if self.null_token is not None else tokens.new_zeros(self.width)
+        return torch.where(null[:, None, None], null_token.to(tokens.dtype), tokens)
 
     def forward(self, x_t: Tensor, t: Tensor, codes: Tensor, keep: Tensor, null: Tensor,
                 features_at: int | None = None) -> tuple[Tensor, Tensor | None]:
@@ -341,7 +354,7 @@ class FlexTok(Tokenizer):
         allow_stand_in: bool = False,
         stand_in_downsample: int = 8,
         image_size: int = 256,
-        latent_scale: float = 1.0,
+        latent_scale: float | None = None,
         latent_shift: float = 0.0,
         patch_size: int = 2,
         num_registers: int = 256,
@@ -353,6 +366,9 @@ class FlexTok(Tokenizer):
         head_dim: int = 64,
         mlp_ratio: float = 4.0,
         separate_register_modulation: bool = True,
+        null_condition: str = "learned",
+        time_max_period: float = 256.0,
+        time_scale: float = 1000.0,
         nested_dropout: str = "pow2",
         cfg_dropout: float = 0.1,
         time_mean: float = 0.0,
@@ -363,15 +379,24 @@ class FlexTok(Tokenizer):
         repa_weight: float = 0.5,
         repa_layer: int = 2,
         repa_hidden: int = 2048,
-        decode_steps: int = 25,
-        decode_guidance: float = 1.0,
+        decode_steps: int = 20,
+        decode_guidance: float = 7.5,
+        decode_guidance_method: str = "apg",
         decode_guidance_interval: tuple[float, float] = (0.0, 1.0),
         decode_shift: float = 1.0,
+        decode_seed: int | None = 0,
+        vae: nn.Module | None = None,
     ):
         super().__init__()
         if nested_dropout not in NESTED_DROPOUT_MODES:
             raise ValueError(f"nested_dropout={nested_dropout!r} is not known; use one of {NESTED_DROPOUT_MODES}.")
-        self.codec = load_latent_codec(vae_ckpt, allow_stand_in, stand_in_downsample)
+        if decode_guidance_method not in flow.GUIDANCE_METHODS:
+            raise ValueError(f"decode_guidance_method={decode_guidance_method!r} is not known; "
+                             f"use one of {flow.GUIDANCE_METHODS}.")
+        if vae is not None:  # a built VAE (load_pretrained); vae_ckpt is then ignored
+            self.codec = FrozenLatentCodec(vae, source=f"given {type(vae).__name__}")
+        else:
+            self.codec = load_latent_codec(vae_ckpt, allow_stand_in, stand_in_downsample)
         self.image_size = int(image_size)
         latent_channels, self.downsample = self.codec.latent_channels_and_downsample(self.image_size)
         if (self.image_size // self.downsample) % patch_size:
@@ -386,14 +411,19 @@ class FlexTok(Tokenizer):
             log.warning("FlexTok: a latent patch has %d values but decoder_width is %d: the decoder cannot "
                         "represent the velocity. Fix: decoder_width >= %d, or a smaller patch_size / "
                         "stand_in_downsample.", token_dim, decoder_width, token_dim)
-        self.latent_scale, self.latent_shift = float(latent_scale), float(latent_shift)
+        # x0 = (VAE latent - shift) * scale. The scale is the VAE's (FlexTok's reference
+        # multiplies by the VAE config's scaling_factor); None: measured as 1 / std of the
+        # first batch encoded (then saved with the checkpoint, a buffer).
+        self.latent_shift = float(latent_shift)
+        self.register_buffer("latent_scale", torch.tensor(math.nan if latent_scale is None else float(latent_scale)))
         self.patch_size, self.num_registers = patch_size, num_registers
         self.fsq = FSQ(fsq_levels)
         self.codebook_sizes = (self.fsq.codebook_size,)
         self.encoder = FlexTokEncoder(latent_channels, patch_size, encoder_width, encoder_depth, head_dim,
                                       num_registers, self.fsq.dim, mlp_ratio)
         self.decoder = FlexTokDecoder(latent_channels, patch_size, decoder_width, decoder_depth, head_dim,
-                                      num_registers, self.fsq.dim, mlp_ratio, separate_register_modulation)
+                                      num_registers, self.fsq.dim, mlp_ratio, separate_register_modulation,
+                                      null_condition, time_max_period, time_scale)
         self.nested_dropout, self.cfg_dropout = nested_dropout, float(cfg_dropout)
         self.time_mean, self.time_std = float(time_mean), float(time_std)
         self.flow_weight = float(flow_weight)
@@ -411,15 +441,27 @@ class FlexTok(Tokenizer):
             self.repa_projector = repa_projector(decoder_width, repa_hidden, self.teacher.embed_dim)
 
         self.decode_steps, self.decode_guidance = int(decode_steps), float(decode_guidance)
+        self.decode_guidance_method = decode_guidance_method
         self.decode_guidance_interval = tuple(float(v) for v in decode_guidance_interval)
         self.decode_shift = float(decode_shift)
+        self.decode_seed = decode_seed
+        self._noise_generator: torch.Generator | None = None  # decode noise, seeded by decode_seed
 
     # -- latents ---------------------------------------------------------------------------
     def images_to_latents(self, images: Tensor) -> Tensor:
         """Frozen VAE latents, shifted and scaled to roughly unit variance (fp32)."""
-        return (self.codec.encode(images) - self.latent_shift) * self.latent_scale
+        shifted = self.codec.encode(images) - self.latent_shift
+        if torch.isnan(self.latent_scale):
+            measured = 1.0 / shifted.std().clamp_min(1e-6)
+            self.latent_scale.fill_(float(measured))
+            log.info("FlexTok: latent_scale measured on the first batch (%d images): %.5f", images.shape[0],
+                     float(measured))
+        return shifted * self.latent_scale
 
     def latents_to_images(self, latents: Tensor) -> Tensor:
+        if torch.isnan(self.latent_scale):
+            raise ValueError("FlexTok.latent_scale is not known yet (latent_scale=null is measured on the first "
+                             "encoded batch). Fix: encode images first, or set tokenizer.latent_scale.")
         return self.codec.decode(latents.float() / self.latent_scale + self.latent_shift).clamp(-1, 1)
 
     def quantize(self, latents: Tensor) -> tuple[Tensor, Tensor]:
@@ -470,12 +512,16 @@ class FlexTok(Tokenizer):
     def decode(self, tokens: Tensor, num_tokens: int | None = None, steps: int | None = None,
                guidance: float | None = None, guidance_interval: tuple[float, float] | None = None,
                shift: float | None = None, image_size: int | None = None, noise: Tensor | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, guidance_method: str | None = None) -> Tensor:
         """Sample images from the first ``num_tokens`` tokens (default: all given).
 
         ``tokens`` (B, L) int64 with 1 <= L <= R (a prefix is enough); ``noise`` the
-        starting latent (B, C, h, w) at t = 1, else drawn (optionally from ``generator``);
-        unset options take the ``decode_*`` constructor defaults."""
+        starting latent (B, C, h, w) at t = 1, else drawn on the CPU from ``generator`` or,
+        without one, from this tokenizer's generator seeded with ``decode_seed`` (so an
+        evaluation draws the same noise run to run; ``decode_seed=None``: the global RNG).
+        ``guidance_method``: ``apg`` (the reference's norm-guided CFG) or ``cfg``. Unset
+        options take the ``decode_*`` constructor defaults (the reference's: 20 steps,
+        guidance 7.5, APG)."""
         if tokens.ndim != 2 or tokens.shape[1] > self.num_registers or tokens.shape[1] < 1:
             raise ValueError(f"FlexTok.decode expects tokens (B, L) with 1 <= L <= {self.num_registers}, "
                              f"got {tuple(tokens.shape)}.")
@@ -486,6 +532,9 @@ class FlexTok(Tokenizer):
         guidance = self.decode_guidance if guidance is None else float(guidance)
         interval = self.decode_guidance_interval if guidance_interval is None else tuple(guidance_interval)
         shift = self.decode_shift if shift is None else shift
+        method = self.decode_guidance_method if guidance_method is None else guidance_method
+        if method not in flow.GUIDANCE_METHODS:
+            raise ValueError(f"guidance_method={method!r} is not known; use one of {flow.GUIDANCE_METHODS}.")
         b, device = tokens.shape[0], tokens.device
 
         codes = self.fsq.indices_to_codes(tokens)
@@ -493,9 +542,15 @@ class FlexTok(Tokenizer):
             codes = F.pad(codes, (0, 0, 0, self.num_registers - codes.shape[1]))
         if noise is None:
             size = (image_size or self.image_size) // self.downsample
-            noise = torch.randn((b, self.latent_channels, size, size), device=device, generator=generator)
+            if generator is None and self.decode_seed is not None:
+                if self._noise_generator is None:
+                    self._noise_generator = torch.Generator().manual_seed(int(self.decode_seed))
+                generator = self._noise_generator
+            on = generator.device if generator is not None else device
+            noise = torch.randn((b, self.latent_channels, size, size), device=on, generator=generator).to(device)
         keep = torch.full((b,), k, dtype=torch.long, device=device)
         cond_null = torch.zeros(b, dtype=torch.bool, device=device)
+        guide = flow.NormGuidance() if method == "apg" else flow.guide  # APG keeps state over the steps
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             if guidance == 1.0 or not flow.in_guidance_interval(float(t[0]), interval):
@@ -503,7 +558,7 @@ class FlexTok(Tokenizer):
             both, _ = self.decoder(torch.cat([x, x]), torch.cat([t, t]), torch.cat([codes, codes]),
                                    torch.cat([keep, keep]), torch.cat([cond_null, ~cond_null]))
             cond, uncond = both.chunk(2)
-            return flow.guide(cond, uncond, guidance)
+            return guide(cond, uncond, guidance)
 
         latents = flow.euler_sample(velocity, noise.float(), steps=steps, shift=shift)
         return self.latents_to_images(latents)

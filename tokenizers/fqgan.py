@@ -140,11 +140,13 @@ class BranchAdapter(nn.Module):
 class RepresentationHead(nn.Module):
     """Quantized branch map (B, code_dim, H, W) -> one vector per image (B, out_dim).
 
-    SPEC §2: MLP code_dim -> W -> W (ReLU), a learned class token prepended, learned
-    positional embedding, LayerNorm, ``depth`` transformer blocks, LayerNorm; only the
-    class-token output is used. When W differs from the teacher's width (e.g. a random
-    smoke teacher) a linear layer maps W -> out_dim; at the reference widths W equals
-    the teacher's width and the map is the identity."""
+    FQGAN's ``FeatPredHead``: MLP code_dim -> W -> W (ReLU), a learned class token
+    prepended, a learned positional embedding over the class token *and* the grid
+    (1 + pos_grid**2 positions), LayerNorm, ``depth`` pre-norm transformer blocks of
+    ``num_heads`` (8 in the reference at every width), LayerNorm; only the class-token
+    output is used. When W differs from the teacher's width (e.g. a random smoke teacher)
+    a linear layer maps W -> out_dim; at the reference widths W equals the teacher's
+    width and the map is the identity (the released heads load as they are)."""
 
     def __init__(
         self,
@@ -152,18 +154,17 @@ class RepresentationHead(nn.Module):
         width: int,
         out_dim: int,
         depth: int = 3,
-        num_heads: int | None = None,
+        num_heads: int = 8,
         mlp_ratio: float = 4.0,
         pos_grid: int = 16,
     ):
         super().__init__()
-        num_heads = num_heads or max(1, width // 64)  # SPEC is silent: ViT's 64-wide heads
         if width % num_heads:
             raise ValueError(f"Head width {width} is not divisible by head.num_heads={num_heads}.")
         self.pos_grid = pos_grid
         self.mlp = nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid * pos_grid, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, width))
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.pos_embed, std=0.02)
         self.norm_in = nn.LayerNorm(width)
@@ -173,9 +174,11 @@ class RepresentationHead(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         b, _, h, w = z.shape
-        x = self.mlp(z.flatten(2).transpose(1, 2)) + _grid_pos_embed(self.pos_embed, self.pos_grid, (h, w))
-        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
-        x = self.norm_out(self.blocks(self.norm_in(x)))
+        x = torch.cat([self.cls_token.expand(b, -1, -1), self.mlp(z.flatten(2).transpose(1, 2))], dim=1)
+        pos = self.pos_embed
+        if (h, w) != (self.pos_grid, self.pos_grid):
+            pos = resample_abs_pos_embed(pos, [h, w], old_size=[self.pos_grid] * 2, num_prefix_tokens=1)
+        x = self.norm_out(self.blocks(self.norm_in(x + pos)))
         return self.proj(x[:, 0])
 
 
@@ -247,8 +250,8 @@ class FQGAN(Tokenizer):
             mapping of ``VectorQuantizer`` keyword arguments.
         adapter: ``depth``, ``num_heads``, ``mlp_ratio``, ``pos_grid`` of each branch adapter
             (its width is the trunk's width).
-        head: ``width`` (null: the teacher's width), ``depth``, ``num_heads`` (null:
-            width // 64), ``mlp_ratio``, ``pos_grid`` of the representation heads.
+        head: ``width`` (null: the teacher's width), ``depth``, ``num_heads`` (8 as in
+            the reference), ``mlp_ratio``, ``pos_grid`` of the representation heads.
         disentangle_weight: weight of the disentanglement loss (0 turns it off; the
             branches' squared cosine is logged either way).
         semantic_temperature: InfoNCE temperature (1 in the reference).

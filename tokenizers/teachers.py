@@ -22,7 +22,10 @@ bicubic resize with antialias to ``image_size`` (antialias matters when shrinkin
 The outputs are the tokens after the ViT's final LayerNorm: ``cls`` (B, D) and
 ``patches`` (B, N, D) with class/register tokens dropped, on a ``grid`` (h, w).
 For CLIP this is the 768/1024-wide token before CLIP's projection head (the
-representation FQGAN's heads regress; the head's width equals it).
+representation FQGAN's heads regress; the head's width equals it). A spec with
+``final_norm: false`` takes the last block's output before that LayerNorm instead:
+FQGAN's CLIP target (Hugging Face ``hidden_states[-1]``, where ``post_layernorm`` has
+not run); its DINOv2 target is ``last_hidden_state``, after the norm.
 
 Teachers are cached by spec: every loss of a run that names the same teacher shares
 one model. Tokenizers hold them through ``TeacherHandle`` so they are not
@@ -70,8 +73,8 @@ _RANDOM_SEED = 0  # + crc32(name): the same net in every process and DDP rank, a
 
 @dataclass
 class TeacherFeatures:
-    cls: Tensor  # (B, D) class token after the final norm
-    patches: Tensor  # (B, N, D) patch tokens after the final norm, prefix tokens dropped
+    cls: Tensor  # (B, D) class token after the final norm (before it with final_norm=False)
+    patches: Tensor  # (B, N, D) patch tokens, prefix tokens dropped
     grid: tuple[int, int]  # (h, w) with h * w == N
 
 
@@ -110,19 +113,39 @@ class FrozenTeacher(nn.Module):
         s = self.image_size // self.patch_size
         return (s, s)
 
-    def preprocess(self, images: Tensor) -> Tensor:
-        """[-1, 1] images -> the teacher's normalised input at ``image_size``."""
+    def preprocess(self, images: Tensor, input_mode: str = "normalized") -> Tensor:
+        """[-1, 1] images -> the teacher's input at ``image_size``.
+
+        ``normalized``: [0, 1], bicubic with antialias, clamp, the teacher's mean/std.
+        ``raw_bilinear``: VA-VAE's reference (LightningDiT ``foundation_models.py``): the
+        [-1, 1] images as they are, plain bilinear resize, no mean/std."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"Teacher '{self.name}' expects images (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}.")
+        if input_mode == "raw_bilinear":
+            x = images.float()
+            if x.shape[-2:] != (self.image_size, self.image_size):
+                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            return x
+        if input_mode != "normalized":
+            raise ValueError(f"Teacher input_mode must be 'normalized' or 'raw_bilinear', got {input_mode!r}.")
         x = (images.float() + 1.0) / 2.0
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True)
             x = x.clamp(0.0, 1.0)
         return (x - self.mean) / self.std
 
+    def tokens(self, x: Tensor, final_norm: bool = True) -> Tensor:
+        """All tokens (prefix first) of the last block, after the final norm or before it."""
+        if final_norm:
+            return self.model.forward_features(x)
+        (patches, prefix), = self.model.forward_intermediates(
+            x, indices=1, norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+        return torch.cat([prefix, patches], dim=1)
+
     @torch.no_grad()
-    def forward(self, images: Tensor) -> TeacherFeatures:
-        tokens = self.model.forward_features(self.preprocess(images))
+    def forward(self, images: Tensor, final_norm: bool = True, input_mode: str = "normalized") -> TeacherFeatures:
+        tokens = self.tokens(self.preprocess(images, input_mode), final_norm)
         h, w = self.grid
         patches = tokens[:, self.num_prefix_tokens :]
         if patches.shape[1] != h * w:  # pragma: no cover - guards a misconfigured architecture
@@ -331,11 +354,12 @@ class TeacherHandle:
             self._teacher.to(device)
         return self
 
-    def __call__(self, images: Tensor) -> TeacherFeatures:
+    def __call__(self, images: Tensor, **options) -> TeacherFeatures:
         teacher = self.teacher
         if teacher.mean.device != images.device:
             teacher.to(images.device)
-        return teacher(images)
+        options.setdefault("final_norm", _as_bool(self.spec.get("final_norm", True)))
+        return teacher(images, **options)
 
     def __deepcopy__(self, memo) -> "TeacherHandle":
         return self  # frozen and shared: an EMA copy uses the same teacher

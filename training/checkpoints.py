@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, finding the one to resume, rebuilding a tokenizer."""
+"""Checkpoint files of a training run: atomic writes, the one to resume, weights-only initialisation."""
 from __future__ import annotations
 
 import logging
@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from common.checkpoints import LAST, checkpoint_dir, find_checkpoint, load_checkpoint  # noqa: F401 (re-used names)
+
 log = logging.getLogger(__name__)
-
-LAST = "last.ckpt"
-
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes to ``<path>.tmp`` then renames: a job killed mid-save (preemption, time
@@ -26,10 +25,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def resolve_resume(ckpt_path: str | None, run_dir: str | os.PathLike, resume: str = "auto") -> str | None:
     """The checkpoint to resume from.
 
@@ -39,20 +34,7 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | os.PathLike, resume: st
     requeued or resubmitted SLURM job continue by itself.
     """
     if ckpt_path:
-        p = Path(os.path.expanduser(str(ckpt_path)))
-        if p.is_dir():
-            candidates = [checkpoint_dir(p) / LAST, p / LAST]
-            for c in candidates:
-                if c.is_file():
-                    return str(c)
-            raise FileNotFoundError(
-                f"ckpt_path={ckpt_path} is a directory without a checkpoint.\nLooked in: "
-                + ", ".join(map(str, candidates))
-                + "\nFix: point ckpt_path at a .ckpt file or at a run directory that has checkpoints/last.ckpt."
-            )
-        if not p.is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist. Fix: give a .ckpt file or a run directory.")
-        return str(p)
+        return find_checkpoint(ckpt_path, "ckpt_path")
     if resume == "auto":
         last = checkpoint_dir(run_dir) / LAST
         if last.is_file():
@@ -64,58 +46,41 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | os.PathLike, resume: st
 
 
 def resolve_init_from(init_from: str) -> str:
-    """``init_from``: a checkpoint file or a run directory (its ``checkpoints/last.ckpt``)."""
-    p = Path(os.path.expanduser(str(init_from)))
-    for candidate in (p, checkpoint_dir(p) / LAST, p / LAST):
-        if candidate.is_file():
-            return str(candidate)
-    raise FileNotFoundError(
-        f"init_from={init_from} is not a checkpoint file or a run directory with checkpoints/last.ckpt.\n"
-        "Fix: init_from=<previous stage run dir> or init_from=<run>/checkpoints/last.ckpt."
-    )
+    """``init_from``: a checkpoint file, a run directory (its ``checkpoints/last.ckpt``) or a
+    released checkpoint (``pretrained:<name>:<path>``, fine-tuning a released tokenizer)."""
+    from tokenizers.loading import resolve_spec
+
+    return resolve_spec(str(init_from), "init_from")
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    # Our own checkpoints hold the run config (plain containers) next to tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_weights_into(module, spec: str | os.PathLike) -> None:
+    """Weights-only initialisation (``init_from=``); optimizer state and step start fresh.
 
+    From a run: tokenizer, EMA and discriminator. From a released checkpoint: the tokenizer
+    and its EMA copy get the released weights; every tokenizer tensor must be covered (frozen
+    teachers and LPIPS excepted: they load from their own files)."""
+    from tokenizers.loading import is_released, load_tokenizer
 
-def load_tokenizer(path: str | os.PathLike, ema: bool = True, overrides: dict | None = None):
-    """Rebuild a tokenizer from a checkpoint alone: ``(tokenizer in eval mode, config)``.
-
-    Uses the run config saved in the checkpoint, then loads the EMA weights (``ema=True``,
-    what validation used) or the raw training weights.
-    """
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    ckpt = load_checkpoint(path)
-    if "config" not in ckpt:
-        raise KeyError(f"{path} has no saved run config; it was not written by this framework's train.py.")
-    cfg = OmegaConf.create(ckpt["config"])
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
-    tok_cfg = cfg.tokenizer.copy()
-    if "load_teachers" in tok_cfg:
-        tok_cfg.load_teachers = False  # encode/decode never need the teachers' weights
-    tokenizer = instantiate(tok_cfg)
-    state = ckpt["state_dict"]
-    prefix = "ema.module." if ema and any(k.startswith("ema.module.") for k in state) else "tokenizer."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing, unexpected = tokenizer.load_state_dict(weights, strict=False)
-    if unexpected or [m for m in missing if not _is_optional(m)]:
-        raise RuntimeError(f"{path}: weights do not match the saved config. missing={missing[:5]} unexpected={unexpected[:5]}")
-    tokenizer.eval()
-    return tokenizer, cfg
-
-
-def _is_optional(key: str) -> bool:
-    return key.endswith(("recent_indices", "recent_pos"))
-
-
-def load_weights_into(module, path: str | os.PathLike) -> None:
-    """Weights-only initialisation (``init_from=``): tokenizer (and EMA, discriminator
-    when present) from a previous run; optimizer state and step start fresh."""
-    state = load_checkpoint(path)["state_dict"]
+    if is_released(spec):
+        released, _ = load_tokenizer(str(spec))
+        state = released.state_dict()
+        targets = [("tokenizer", module.tokenizer)]
+        if getattr(module, "ema", None) is not None:
+            targets.append(("EMA", module.ema.module))
+        for what, target in targets:
+            missing, unexpected = target.load_state_dict(state, strict=False)
+            if unexpected:
+                raise RuntimeError(
+                    f"init_from={spec}: the released weights do not fit the configured {what} "
+                    f"({type(target).__name__}); not in the model: {unexpected[:8]}\n"
+                    "Fix: choose the tokenizer config that matches the release (docs/pretrained.md).")
+            if missing and what == "tokenizer":
+                # training-only parts a release leaves out (e.g. FQGAN's semantic heads) start fresh
+                log.warning("init_from=%s: %d tokenizer tensors are not in the release and start from "
+                            "their initialisation: %s", spec, len(missing), ", ".join(missing[:10]))
+        log.info("Initialised tokenizer and EMA weights from the released checkpoint %s.", spec)
+        return
+    state = load_checkpoint(spec)["state_dict"]
     missing, unexpected = module.load_state_dict(state, strict=False)
-    log.info("Initialised weights from %s (%d missing, %d unexpected keys).", path, len(missing), len(unexpected))
+    log.info("Initialised weights from %s (%d missing, %d unexpected keys).", spec, len(missing), len(unexpected))
+

@@ -1,32 +1,39 @@
-"""Latent generator for generation quality (gFID): one recipe for every frozen tokenizer.
+"""Generators for generation quality (gFID): each tokenizer gets its paper's generator family.
 
-    python train.py experiment=generator generator.tokenizer_ckpt=logs/train/runs/<run> [debug=smoke]
+    python train.py experiment=generator generator.tokenizer_ckpt=<run dir | .ckpt | pretrained:...> [debug=smoke]
 
 (``train.py`` hands configs with ``task: generator`` to ``fit_generator``.) Steps:
 
-1. ``LatentDataModule.setup`` encodes the training split once with the frozen tokenizer
-   (``encode_latents``: the quantized latent for VQ tokenizers), every image exactly once
-   across ranks, centre crop, no flip; each rank writes its shard, the per-channel mean /
-   std are reduced across ranks; all of it cached under ``generator.cache_dir`` and reused
-   by later runs on the same tokenizer checkpoint and data.
-2. ``GeneratorModule`` trains ``diffusion.generator.LatentDiT`` on the normalised latents
-   with the rectified-flow loss of ``diffusion.flow`` (t = 0 data, t = 1 noise,
-   logit-normal t, velocity target ``eps - x0``, optional cosine velocity-direction term,
-   label dropout for CFG inside the model), AdamW, EMA; Lightning does the loop, logging
-   and checkpointing as for tokenizers.
-3. ``evaluate.py generators=[<run dir>]`` samples the EMA model (class-conditional, CFG)
-   and reports gFID (``evaluation.generation``).
+1. ``training.generator_cache.TokenCache`` encodes the training split once with the frozen
+   tokenizer: token indices for discrete tokenizers, latents (+ per-channel statistics) for
+   continuous ones.
+2. ``choose_family`` picks the generator from the tokenizer's contract facts
+   (``generator.family=auto``; any family name overrides it):
 
-The latent statistics live in the checkpoint (buffers ``latent_mean`` / ``latent_std``):
-sampling divides nothing by hand, ``denormalize`` is the one place that inverts them.
+   ===============  =================================================  ===================================
+   family           chosen when                                        model
+   ===============  =================================================  ===================================
+   raster_ar        discrete, one codebook, 2D token map (VQGAN)       LlamaGen c2i GPT, raster order
+   factorized_ar    discrete, K > 1 codebooks per position (FQGAN)     FQGAN's FAR: GPT + AR head
+   sequence_ar      discrete, 1D ordered tokens (FlexTok)              GPT over the sequence, 1D RoPE
+   latent_dit       continuous latents (VAE, VA-VAE)                   LightningDiT-style flow model
+   ===============  =================================================  ===================================
+
+   Each family's model, optimizer, EMA and sampling settings live in
+   ``generator.families.<family>`` (``conf/generator/default.yaml``).
+3. ``TokenARModule`` trains the AR families with cross-entropy (mean over codebooks);
+   ``sequence_ar`` draws a prefix length per batch like FlexTok's nested dropout, so one model
+   is trained on every length it will be sampled at. ``LatentFlowModule`` trains the
+   LightningDiT-style model with the rectified-flow loss of ``diffusion.flow`` (t = 0 data) plus
+   LightningDiT's cosine term. Lightning does the loop, logging, checkpoints and resume as for
+   tokenizers.
+4. ``evaluate.py generators=[<run dir>]`` calls ``module.sample_images`` with the family's
+   sampling settings (``evaluation.generation``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,202 +43,101 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from diffusion import flow
-from diffusion.generator import LatentDiT
 from training.ema import EMA
+from training.generator_cache import TokenCache, contract_tokens
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+FAMILIES = ("raster_ar", "factorized_ar", "sequence_ar", "latent_dit")
 
 
-# -- latent cache ----------------------------------------------------------------------------
-def cache_key(tokenizer_ckpt: str, data_cfg: dict, ema: bool) -> str:
-    """Folder name of a latent cache: the tokenizer checkpoint (path, size, mtime), the data
-    config and the weights used. A retrained checkpoint at the same path gets a new cache."""
-    st = os.stat(tokenizer_ckpt)
-    blob = json.dumps({"ckpt": os.path.abspath(tokenizer_ckpt), "size": st.st_size, "mtime": int(st.st_mtime),
-                       "data": data_cfg, "ema": ema, "version": CACHE_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+def sample_seed(seed: int, index: int) -> int:
+    return seed * 1_000_003 + index
 
 
-@torch.no_grad()
-def encode_split(tokenizer, batches, device: torch.device, dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor]:
-    """(latents (N, C, H, W) in ``dtype``, labels (N,)) of this rank's real images."""
-    from evaluation.data import labelled
-
-    latents, labels = [], []
-    tokenizer = tokenizer.to(device).eval()
-    for images, y in labelled(batches):
-        latents.append(tokenizer.encode_latents(images.to(device).float()).float().cpu().to(dtype))
-        labels.append(y.cpu())
-    if not latents:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(latents), torch.cat(labels)
+def per_sample_randn(indices: list[int], shape: tuple[int, ...], seed: int) -> Tensor:
+    """Noise of each sample index from its own generator (independent of batching and ranks)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
+                        for i in indices])
 
 
-def channel_statistics(latents: Tensor, device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """Per-channel mean and std over all ranks' latents (float64 sums, one all-reduce)."""
-    from evaluation.distributed import all_reduce_sum, reduce_device
-
-    x = latents.double()
-    if x.ndim != 4:  # a rank without images still joins the reduction
-        raise ValueError(f"latents must be (N, C, H, W), got {tuple(x.shape)}")
-    positions = float(x.shape[0] * x.shape[2] * x.shape[3])
-    sums = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), torch.tensor([positions], dtype=torch.float64)])
-    sums = all_reduce_sum(sums.to(reduce_device(device))).cpu()
-    c = x.shape[1]
-    n = sums[-1]
-    mean = sums[:c] / n
-    var = (sums[c:2 * c] / n - mean * mean).clamp_min(0)
-    return mean.float(), var.sqrt().clamp_min(1e-6).float(), int(n)
+def per_sample_rand(indices: list[int], shape: tuple[int, ...], seed: int) -> Tensor:
+    return torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
+                        for i in indices])
 
 
-class LatentDataModule(pl.LightningDataModule):
-    """Cached, normalised latents of the training split of ``image_data`` (see module doc)."""
-
-    def __init__(self, image_data: pl.LightningDataModule, tokenizer_ckpt: str, cache_dir: str, batch_size: int,
-                 num_workers: int = 0, ema: bool = True, cache_dtype: str = "float16",
-                 limit_batches: int | None = None, data_key: dict | None = None, seed: int = 0):
-        super().__init__()
-        self.image_data = image_data
-        self.tokenizer_ckpt = tokenizer_ckpt
-        self.cache_root = Path(os.path.expanduser(cache_dir))
-        self.batch_size, self.num_workers, self.ema, self.seed = int(batch_size), int(num_workers), ema, seed
-        self.cache_dtype = getattr(torch, cache_dtype)
-        self.limit_batches = limit_batches
-        self.data_key = data_key or {}
-        self.latents: Tensor | None = None
-        self.labels: Tensor | None = None
-        self.mean: Tensor | None = None
-        self.std: Tensor | None = None
-
-    @property
-    def cache_dir(self) -> Path:
-        key = cache_key(self.tokenizer_ckpt, {**self.data_key, "limit_batches": self.limit_batches}, self.ema)
-        return self.cache_root / key
-
-    def _device(self) -> torch.device:
-        if self.trainer is not None:
-            return self.trainer.strategy.root_device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.latents is not None:
-            return
-        from evaluation.data import training_split_once
-        from evaluation.distributed import barrier, rank, world_size
-
-        folder = self.cache_dir
-        done = folder / "stats.pt"
-        if not done.is_file():
-            from training.checkpoints import load_tokenizer
-
-            tokenizer, _ = load_tokenizer(self.tokenizer_ckpt, ema=self.ema)
-            device = self._device()
-            latents, labels = encode_split(tokenizer, training_split_once(self.image_data, self.limit_batches),
-                                           device, self.cache_dtype)
-            del tokenizer
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save({"latents": latents, "labels": labels}, folder / f"rank{rank()}-of-{world_size()}.pt")
-            mean, std, n = channel_statistics(latents, device)
-            barrier()
-            if rank() == 0:
-                torch.save({"mean": mean, "std": std, "count": n, "world_size": world_size(),
-                            "tokenizer_ckpt": str(self.tokenizer_ckpt)}, done)
-                log.info("Encoded the training split into %s (%d latent positions per channel).", folder, n)
-            barrier()
-        stats = torch.load(done, map_location="cpu", weights_only=True)
-        shards = sorted(folder.glob(f"rank*-of-{stats['world_size']}.pt"))
-        parts = [torch.load(p, map_location="cpu", weights_only=True) for p in shards]
-        latents = torch.cat([p["latents"] for p in parts if p["latents"].numel()])
-        self.labels = torch.cat([p["labels"] for p in parts if p["labels"].numel()])
-        self.mean, self.std = stats["mean"], stats["std"]
-        self.latents = latents
-
-    def train_dataloader(self) -> DataLoader:
-        from evaluation.distributed import rank, world_size
-
-        dataset = NormalisedLatents(self.latents, self.labels, self.mean, self.std)
-        if len(dataset) < self.batch_size * world_size():
-            raise ValueError(f"{len(dataset)} cached latents cannot fill one batch of {self.batch_size} per rank. "
-                             "Fix: lower generator.batch_size.")
-        sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True,
-                                     seed=self.seed, drop_last=True)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+# -- facts and family ---------------------------------------------------------------------------
+def tokenizer_facts(tokenizer, resolution: int) -> dict[str, Any]:
+    """What a generator needs to know about its tokenizer, from the contract alone."""
+    facts: dict[str, Any] = {"discrete": bool(tokenizer.discrete), "resolution": int(resolution),
+                             "token_shape": list(tokenizer.token_shape(resolution))}
+    if tokenizer.discrete:
+        facts["vocab_sizes"] = [int(v) for v in tokenizer.codebook_sizes]
+    else:
+        facts["latent_shape"] = list(tokenizer.latent_shape(resolution))
+    return facts
 
 
-class NormalisedLatents(Dataset):
-    def __init__(self, latents: Tensor, labels: Tensor, mean: Tensor, std: Tensor):
-        self.latents, self.labels = latents, labels
-        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return (self.latents[i].float() - self.mean) / self.std, self.labels[i]
+def choose_family(facts: dict[str, Any]) -> str:
+    """The generator family that fits the tokenizer (the table in the module doc)."""
+    if not facts["discrete"]:
+        return "latent_dit"
+    if len(facts["vocab_sizes"]) > 1:
+        return "factorized_ar"
+    return "sequence_ar" if len(facts["token_shape"]) == 1 else "raster_ar"
 
 
-# -- the module -------------------------------------------------------------------------------
+def check_family(family: str, facts: dict[str, Any]) -> None:
+    ar = family != "latent_dit"
+    if family not in FAMILIES:
+        raise ValueError(f"generator.family={family!r} is not known; use auto or one of {FAMILIES}.")
+    if ar != facts["discrete"]:
+        kind = "discrete tokens" if facts["discrete"] else "continuous latents"
+        raise ValueError(f"generator.family={family} does not fit a tokenizer with {kind}. "
+                         f"Fix: generator.family=auto (here: {choose_family(facts)}).")
+    if family == "latent_dit" and facts["latent_shape"][1] != facts["latent_shape"][2]:
+        raise ValueError(f"latent_dit needs square latents, the tokenizer gives {facts['latent_shape']}.")
+
+
+# -- modules ---------------------------------------------------------------------------------------
 class GeneratorModule(pl.LightningModule):
-    """Rectified-flow training of a ``LatentDiT`` on normalised latents, EMA copy for sampling."""
+    """What every family shares: the model, its EMA copy (sampled by evaluate.py), AdamW with
+    weight decay on matrices only, gradient clipping and the facts saved in checkpoints."""
 
-    def __init__(self, model: LatentDiT,
-                 optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.AdamW, lr=2e-4, betas=(0.9, 0.95),
-                                                                        weight_decay=0.0),
-                 ema_decay: float = 0.9999, time_mean: float = 0.0, time_std: float = 1.0,
-                 cosine_weight: float = 0.0, grad_clip: float | None = 1.0):
+    def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], ema_decay: float = 0.9999,
+                 grad_clip: float | None = 1.0, sampling: dict | None = None):
         super().__init__()
         self.model = model
         self.ema = EMA(model, ema_decay)
         self.optimizer_factory = optimizer
-        self.time_mean, self.time_std = time_mean, time_std
-        self.cosine_weight, self.grad_clip = cosine_weight, grad_clip
-        self.register_buffer("latent_mean", torch.zeros(model.in_channels))
-        self.register_buffer("latent_std", torch.ones(model.in_channels))
+        self.grad_clip = grad_clip
+        self.sampling: dict[str, Any] = dict(sampling or {})
         self.run_config: dict | None = None
         self.facts: dict[str, Any] = {}
 
-    def set_latent_statistics(self, mean: Tensor, std: Tensor) -> None:
-        self.latent_mean.copy_(mean)
-        self.latent_std.copy_(std)
-
-    def denormalize(self, latents: Tensor) -> Tensor:
-        """Generator space -> the tokenizer's latent space (input of ``decode_latents``)."""
-        return latents * self.latent_std.view(1, -1, 1, 1).to(latents) + self.latent_mean.view(1, -1, 1, 1).to(latents)
-
-    def loss(self, x0: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        t = flow.sample_time(x0.shape[0], x0.device, self.time_mean, self.time_std)
-        eps = torch.randn_like(x0)
-        target = flow.velocity_target(x0, eps)
-        velocity = self.model(flow.interpolate(x0, eps, t), t, y)
-        mse = flow.flow_loss(velocity, target)
-        logs = {"mse": mse.detach()}
-        total = mse
-        if self.cosine_weight > 0:  # velocity-direction term (LightningDiT's optional cosine loss)
-            cos = 1 - F.cosine_similarity(velocity.float().flatten(1), target.float().flatten(1), dim=1).mean()
-            total = total + self.cosine_weight * cos
-            logs["cosine"] = cos.detach()
-        return total, logs
+    def loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x0, y = batch
-        total, logs = self.loss(x0, y)
+        total, logs = self.loss(batch)
         if not torch.isfinite(total):
             raise FloatingPointError(
-                f"generator loss is {float(total)} at step {self.global_step}. Fix: enable qk_norm "
-                "(generator.model.qk_norm=true), lower the learning rate, or check the latent statistics.")
+                f"generator loss is {float(total)} at step {self.global_step}. Fix: lower the learning rate "
+                "(generator.families.<family>.optimizer.lr), or check the cached tokens / latent statistics.")
         self.log("train/loss", total, prog_bar=True)
         for k, v in logs.items():
             self.log(f"train/{k}", v)
         return total
 
     def configure_optimizers(self):
-        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        # LlamaGen / nanoGPT: weight decay on matrices and embeddings, none on norms and biases
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        plain = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay}] + ([{"params": plain, "weight_decay": 0.0}] if plain else [])
+        return self.optimizer_factory(groups)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.grad_clip:
@@ -241,11 +147,6 @@ class GeneratorModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.ema.update(self.model)
 
-    def on_fit_start(self) -> None:
-        dm = self.trainer.datamodule
-        if isinstance(dm, LatentDataModule) and dm.mean is not None:
-            self.set_latent_statistics(dm.mean.to(self.device), dm.std.to(self.device))
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["config"] = self.run_config
@@ -254,24 +155,159 @@ class GeneratorModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.facts = checkpoint.get("generator_facts", {})
 
+    def sample_images(self, tokenizer, indices: list[int], sampling: dict | None = None, seed: int = 0,
+                      num_tokens: int | None = None, decode_options: dict | None = None) -> Tensor:
+        """Images in [-1, 1] of the EMA model for sample ``indices`` (label i % classes,
+        randomness seeded by (seed, i))."""
+        raise NotImplementedError
 
+    def sampling_description(self, sampling: dict | None = None) -> str:
+        return ", ".join(f"{k} {v}" for k, v in {**self.sampling, **(sampling or {})}.items())
+
+
+class TokenARModule(GeneratorModule):
+    """Cross-entropy training of ``diffusion.ar.ClassConditionalAR`` on cached token indices.
+
+    ``train_lengths``: null trains on whole sequences; ``pow2`` / ``uniform`` / ``pow2_round``
+    draw a kept length k per sample (FlexTok's nested-dropout distributions) and count the
+    loss on the first k tokens only. For a causal model this reweights the loss towards the
+    first tokens, which every shorter sampling length depends on; a prefix's logits never
+    see the tokens after it either way."""
+
+    def __init__(self, model: nn.Module, optimizer, ema_decay: float = 0.9999, grad_clip: float | None = 1.0,
+                 sampling: dict | None = None, train_lengths: str | None = None):
+        super().__init__(model, optimizer, ema_decay, grad_clip, sampling)
+        self.train_lengths = train_lengths
+
+    def loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        tokens, y = batch
+        logits = self.model(tokens, y)
+        b, _, n = tokens.shape
+        weight = torch.ones(b, n, device=tokens.device)
+        if self.train_lengths:
+            from tokenizers.flextok import sample_keep_counts
+
+            keep = sample_keep_counts(b, n, self.train_lengths, device=tokens.device)
+            weight = (torch.arange(n, device=tokens.device)[None] < keep[:, None]).float()
+        per_codebook = []
+        for j, l in enumerate(logits):
+            ce = F.cross_entropy(l.reshape(-1, l.shape[-1]), tokens[:, j].reshape(-1), reduction="none")
+            per_codebook.append((ce * weight.reshape(-1)).sum() / weight.sum())
+        total = torch.stack(per_codebook).mean()
+        logs = {f"ce/{j}": v.detach() for j, v in enumerate(per_codebook)} if len(per_codebook) > 1 else {}
+        if self.train_lengths:
+            logs["kept_tokens"] = weight.sum(1).mean()
+        return total, logs
+
+    @torch.no_grad()
+    def sample_tokens(self, indices: list[int], sampling: dict | None = None, seed: int = 0,
+                      num_tokens: int | None = None) -> Tensor:
+        model = self.ema.module
+        options = {**self.sampling, **(sampling or {})}
+        n = model.length if num_tokens is None else int(num_tokens)
+        device = model.class_embed.weight.device
+        y = torch.tensor([i % model.num_classes for i in indices], device=device)
+        uniforms = per_sample_rand(indices, (n, model.num_codebooks), seed).to(device)
+        return model.generate(y, num_positions=n, uniforms=uniforms,
+                              cfg_scale=options.get("cfg_scale", 1.0), temperature=options.get("temperature", 1.0),
+                              top_k=options.get("top_k", 0), top_p=options.get("top_p", 1.0))
+
+    @torch.no_grad()
+    def sample_images(self, tokenizer, indices, sampling=None, seed=0, num_tokens=None, decode_options=None):
+        tokens = self.sample_tokens(indices, sampling, seed, num_tokens)
+        shape = self.facts["token_shape"]
+        decoded = contract_tokens(tokens, shape)
+        options = dict(decode_options or {})
+        if len(shape) == 1:  # an ordered 1D sequence decodes from any prefix (FlexTok)
+            options["num_tokens"] = tokens.shape[-1]
+        return tokenizer.decode(decoded, **options).float()
+
+
+class LatentFlowModule(GeneratorModule):
+    """Rectified-flow training of a ``LatentDiT`` on normalised latents (``diffusion.flow``'s
+    convention: t = 0 data, t = 1 noise, velocity ``eps - x0``), logit-normal t, and
+    LightningDiT's cosine term ``1 - cos(v_pred, v)`` per position along channels."""
+
+    def __init__(self, model: nn.Module, optimizer, ema_decay: float = 0.9999, grad_clip: float | None = 1.0,
+                 sampling: dict | None = None, time_mean: float = 0.0, time_std: float = 1.0,
+                 cosine_weight: float = 0.0):
+        super().__init__(model, optimizer, ema_decay, grad_clip, sampling)
+        self.time_mean, self.time_std, self.cosine_weight = time_mean, time_std, cosine_weight
+        self.register_buffer("latent_mean", torch.zeros(model.in_channels))
+        self.register_buffer("latent_std", torch.ones(model.in_channels))
+
+    def set_latent_statistics(self, mean: Tensor, std: Tensor) -> None:
+        self.latent_mean.copy_(mean)
+        self.latent_std.copy_(std)
+
+    def denormalize(self, latents: Tensor) -> Tensor:
+        """Generator space -> the tokenizer's latent space (input of ``decode_latents``)."""
+        return latents * self.latent_std.view(1, -1, 1, 1).to(latents) + self.latent_mean.view(1, -1, 1, 1).to(latents)
+
+    def loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        x0, y = batch
+        t = flow.sample_time(x0.shape[0], x0.device, self.time_mean, self.time_std)
+        eps = torch.randn_like(x0)
+        target = flow.velocity_target(x0, eps)
+        velocity = self.model(flow.interpolate(x0, eps, t), t, y)
+        mse = flow.flow_loss(velocity, target)
+        logs = {"mse": mse.detach()}
+        total = mse
+        if self.cosine_weight > 0:
+            cos = (1 - F.cosine_similarity(velocity.float(), target.float(), dim=1)).mean()
+            total = total + self.cosine_weight * cos
+            logs["cosine"] = cos.detach()
+        return total, logs
+
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if isinstance(dm, TokenCache) and dm.mean is not None:
+            self.set_latent_statistics(dm.mean.to(self.device), dm.std.to(self.device))
+
+    @torch.no_grad()
+    def sample_latents(self, indices: list[int], sampling: dict | None = None, seed: int = 0) -> Tensor:
+        model = self.ema.module
+        o = {**self.sampling, **(sampling or {})}
+        device = self.latent_mean.device
+        y = torch.tensor([i % model.num_classes for i in indices], device=device)
+        noise = per_sample_randn(indices, (model.in_channels, model.input_size, model.input_size), seed).to(device)
+        latents = model.sample(y, steps=int(o.get("steps", 50)), guidance=float(o.get("cfg_scale", 1.0)),
+                               guidance_interval=tuple(o.get("guidance_interval", (0.0, 1.0))),
+                               shift=float(o.get("shift", 1.0)), guided_channels=o.get("guided_channels"),
+                               noise=noise)
+        return self.denormalize(latents)
+
+    @torch.no_grad()
+    def sample_images(self, tokenizer, indices, sampling=None, seed=0, num_tokens=None, decode_options=None):
+        return tokenizer.decode_latents(self.sample_latents(indices, sampling, seed)).float()
+
+
+# -- building and loading ------------------------------------------------------------------------
 def build_generator(gcfg: DictConfig, facts: dict[str, Any]) -> GeneratorModule:
-    model = instantiate(gcfg.model, in_channels=facts["latent_channels"], input_size=facts["latent_size"],
-                        num_classes=facts["num_classes"])
-    module = GeneratorModule(model, optimizer=instantiate(gcfg.optimizer), ema_decay=gcfg.ema_decay,
-                             time_mean=gcfg.time_mean, time_std=gcfg.time_std, cosine_weight=gcfg.cosine_weight,
-                             grad_clip=gcfg.grad_clip)
+    family = facts["family"]
+    fam = gcfg.families[family]
+    common = dict(optimizer=instantiate(fam.optimizer), ema_decay=fam.ema_decay, grad_clip=fam.grad_clip,
+                  sampling=OmegaConf.to_container(fam.sampling, resolve=True))
+    if family == "latent_dit":
+        c, h, _ = facts["latent_shape"]
+        model = instantiate(fam.model, in_channels=c, input_size=h, num_classes=facts["num_classes"])
+        module: GeneratorModule = LatentFlowModule(model, time_mean=fam.time_mean, time_std=fam.time_std,
+                                                   cosine_weight=fam.cosine_weight, **common)
+    else:
+        model = instantiate(fam.model, vocab_sizes=list(facts["vocab_sizes"]),
+                            positions=list(facts["token_shape"]), num_classes=facts["num_classes"])
+        module = TokenARModule(model, train_lengths=fam.get("train_lengths"), **common)
     module.facts = dict(facts)
     return module
 
 
 def load_generator(path: str | os.PathLike) -> tuple[GeneratorModule, DictConfig]:
-    """(GeneratorModule with its EMA, latent statistics and facts; the run config) from a checkpoint."""
-    from training.checkpoints import load_checkpoint
+    """(generator module with its EMA, statistics and facts; the run config) from a checkpoint."""
+    from common.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(path)
-    if "generator_facts" not in ckpt or "config" not in ckpt:
-        raise KeyError(f"{path} is not a latent generator checkpoint (no generator_facts / config). "
+    if "generator_facts" not in ckpt or "config" not in ckpt or "family" not in ckpt["generator_facts"]:
+        raise KeyError(f"{path} is not a generator checkpoint of this version (no generator_facts.family / config). "
                        "Fix: pass a checkpoint written by `python train.py experiment=generator`.")
     cfg = OmegaConf.create(ckpt["config"])
     module = build_generator(cfg.generator, ckpt["generator_facts"])
@@ -281,7 +317,7 @@ def load_generator(path: str | os.PathLike) -> tuple[GeneratorModule, DictConfig
     return module, cfg
 
 
-# -- the run --------------------------------------------------------------------------------
+# -- the run --------------------------------------------------------------------------------------
 def _instantiate_targets(node) -> list:
     """Objects of every child with a ``_target_`` (children set to null or left without a
     target, like a tokenizer-only callback switched off for this task, are skipped)."""
@@ -300,38 +336,45 @@ def num_classes_of(image_data, gcfg: DictConfig) -> int:
     return int(n)
 
 
-def fit_generator(cfg: DictConfig) -> dict[str, float]:
-    """Encode (once), train, save ``<run dir>/checkpoints/last.ckpt``; returns final metrics."""
-    from training.checkpoints import LAST, AtomicCheckpointIO, checkpoint_dir, load_checkpoint, resolve_resume
+def prepare_generator(cfg: DictConfig) -> tuple[GeneratorModule, TokenCache]:
+    """The generator module (family chosen from the tokenizer) and its token cache."""
+    from tokenizers.loading import load_tokenizer, resolve_spec
 
     gcfg = cfg.generator
     if not gcfg.get("tokenizer_ckpt"):
         raise ValueError("generator.tokenizer_ckpt is not set. Fix: python train.py experiment=generator "
-                         "generator.tokenizer_ckpt=logs/train/runs/<run> (a run directory or a .ckpt).")
-    tokenizer_ckpt = str(Path(resolve_resume(str(gcfg.tokenizer_ckpt), ".", "never")).resolve())
-    run_dir = Path(cfg.paths.output_dir)
-    pl.seed_everything(cfg.seed, workers=True)
-
+                         "generator.tokenizer_ckpt=logs/train/runs/<run> (a run directory, a .ckpt or pretrained:...).")
+    spec = resolve_spec(str(gcfg.tokenizer_ckpt), "generator.tokenizer_ckpt")
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg["val_remainder"] = "pad"  # every training image encoded exactly once across ranks
     image_data = instantiate(data_cfg)
-    # the latent grid comes from the tokenizer's facts, no encoding needed to build the model
-    saved = OmegaConf.create(load_checkpoint(tokenizer_ckpt)["config"])
-    tokenizer = instantiate(saved.tokenizer)
-    c, h, w = tokenizer.latent_shape(int(cfg.data.resolution))
+    tokenizer, _ = load_tokenizer(spec, ema=bool(gcfg.get("tokenizer_ema", True)))
+    facts = tokenizer_facts(tokenizer, int(cfg.data.resolution))
     del tokenizer
-    if h != w:
-        raise ValueError(f"LatentDiT needs square latents, the tokenizer gives {h}x{w}.")
-    facts = {"latent_channels": c, "latent_size": h, "num_classes": num_classes_of(image_data, gcfg),
-             "tokenizer_ckpt": tokenizer_ckpt, "resolution": int(cfg.data.resolution)}
+    family = choose_family(facts) if gcfg.family in (None, "auto") else str(gcfg.family)
+    check_family(family, facts)
+    facts.update(family=family, num_classes=num_classes_of(image_data, gcfg), tokenizer_ckpt=spec)
     module = build_generator(gcfg, facts)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    module.run_config["generator"]["tokenizer_ckpt"] = tokenizer_ckpt
+    module.run_config["generator"]["tokenizer_ckpt"] = spec
+    module.run_config["generator"]["family"] = family
+    log.info("Generator family %s for %s (%s).", family, spec,
+             "continuous latents" if not facts["discrete"] else f"codebooks {facts['vocab_sizes']}, tokens {facts['token_shape']}")
+    cache = TokenCache(image_data, spec, gcfg.cache_dir, gcfg.batch_size, discrete=facts["discrete"],
+                       vocab_sizes=facts.get("vocab_sizes", ()), num_workers=gcfg.get("num_workers", 0),
+                       ema=gcfg.get("tokenizer_ema", True), cache_dtype=gcfg.get("cache_dtype", "float16"),
+                       limit_batches=gcfg.get("encode_limit_batches"), chunk_batches=gcfg.get("encode_chunk_batches", 100),
+                       data_key=data_cfg, seed=cfg.seed)
+    return module, cache
 
-    latents = LatentDataModule(image_data, tokenizer_ckpt, gcfg.cache_dir, gcfg.batch_size,
-                               num_workers=gcfg.get("num_workers", 0), ema=gcfg.get("tokenizer_ema", True),
-                               cache_dtype=gcfg.get("cache_dtype", "float16"),
-                               limit_batches=gcfg.get("encode_limit_batches"), data_key=data_cfg, seed=cfg.seed)
+
+def fit_generator(cfg: DictConfig) -> dict[str, float]:
+    """Encode (once), train, save ``<run dir>/checkpoints/last.ckpt``; returns final metrics."""
+    from training.checkpoints import LAST, AtomicCheckpointIO, checkpoint_dir, resolve_resume
+
+    run_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    module, cache = prepare_generator(cfg)
     callbacks = _instantiate_targets(cfg.get("callbacks"))
     loggers = _instantiate_targets(cfg.get("logger"))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -343,10 +386,10 @@ def fit_generator(cfg: DictConfig) -> dict[str, float]:
         if hasattr(logger, "log_hyperparams"):
             logger.log_hyperparams(module.run_config)
     ckpt_path = resolve_resume(cfg.get("ckpt_path"), run_dir, cfg.get("resume", "auto"))
-    trainer.fit(module, datamodule=latents, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=cache, ckpt_path=ckpt_path)
     final = checkpoint_dir(run_dir) / LAST
     trainer.save_checkpoint(final)
     if trainer.is_global_zero:
-        log.info("Generator: %d steps; checkpoint %s. gFID: python evaluate.py generators=[%s]",
-                 trainer.global_step, final, run_dir)
+        log.info("Generator (%s): %d steps; checkpoint %s. gFID: python evaluate.py generators=[%s]",
+                 module.facts["family"], trainer.global_step, final, run_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}

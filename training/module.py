@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from evaluation.metrics import psnr_per_image, to_pixels
+from common.metrics import psnr_per_image, to_pixels
 from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput
 from training.ema import EMA
 
@@ -115,12 +115,13 @@ class TokenizerModule(pl.LightningModule):
             g = self.gan.generator_loss(out.reconstruction, images)
             if self.gan.weighting == "adaptive":
                 adaptive["gan"] = AdaptiveTerm(g, tokenizer.decoder_last_layer(), self.gan.disc_weight,
-                                               self.gan.max_adaptive_weight)
+                                               self.gan.max_adaptive_weight,
+                                               getattr(self.gan, "max_adaptive_weight_reduction", "mean"))
             else:
                 losses["gan"] = self.gan.disc_weight * g
         for name, term in adaptive.items():
             if nll is not None and torch.is_grad_enabled() and nll.requires_grad:
-                w = adaptive_weight(nll, term.loss, term.param, term.max_weight)
+                w = adaptive_weight(nll, term.loss, term.param, term.max_weight_for(images))
             else:
                 w = torch.ones((), device=term.loss.device)
             logs[f"{name}_adaptive_weight"] = w
@@ -128,6 +129,12 @@ class TokenizerModule(pl.LightningModule):
         return losses, logs
 
     # -- training ---------------------------------------------------------------------
+    def training_pair(self, images: Tensor) -> tuple[Tensor, TokenizerOutput]:
+        """(targets, output) of this step: the plain forward, or the pair a regulariser runs
+        the whole step on (EQ-VAE's paper variant: transformed or low-resolution images)."""
+        pair = self.regularizer.training_pair(self.tokenizer, images) if self.regularizer is not None else None
+        return pair if pair is not None else (images, self.tokenizer(images))
+
     def training_step(self, batch, batch_idx: int):
         images = batch[0]
         opt_g, opt_d = self._optimizers()
@@ -135,7 +142,7 @@ class TokenizerModule(pl.LightningModule):
 
         if opt_d is not None:
             self.toggle_optimizer(opt_g)  # no discriminator gradients from the generator pass
-        out = self.tokenizer(images)
+        images, out = self.training_pair(images)
         losses, logs = self.compute_losses(images, out, step, self.tokenizer)
         total = sum(losses.values())
         finite = self._check_finite(total, losses)
@@ -240,6 +247,28 @@ class TokenizerModule(pl.LightningModule):
                       batch_size=images.shape[0])
 
     # -- checkpoints ---------------------------------------------------------------------
+    def rebuilt_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of frozen networks loaded from their own weight files
+        (``rebuilt_from_weight_file``, e.g. LPIPS' VGG16): built again from those files, so
+        checkpoints leave them out (the demo's LPIPS alone was 59 MB of 137 MB)."""
+        return tuple(f"{name}." for name, m in self.named_modules()
+                     if name and getattr(m, "rebuilt_from_weight_file", False))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["config"] = self.run_config
+        prefixes = self.rebuilt_prefixes()
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(prefixes)] if prefixes else []:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints without the rebuilt networks take them from this freshly built module
+        # (strict loading still catches every other missing key); older checkpoints that
+        # hold them load them as before.
+        prefixes = self.rebuilt_prefixes()
+        state = checkpoint.get("state_dict")
+        if prefixes and state is not None:
+            for key, value in self.state_dict().items():
+                if key.startswith(prefixes) and key not in state:
+                    state[key] = value

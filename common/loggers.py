@@ -64,3 +64,12 @@ def wandb_logger(save_dir: str, project: str = "tokbench", name: str | None = No
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(save_dir=save_dir, project=project, name=name, group=group, tags=list(tags or []),
                        id=persistent_run_id(save_dir), resume="allow", mode=mode, log_model=log_model, **kwargs)
+
+
+def finish_loggers(loggers, failed: bool = False) -> None:
+    """Close the W&B run explicitly: left to the interpreter's exit, wandb 0.31 abandons
+    its pending requests and writes a HandleAbandonedError traceback into its debug log."""
+    for logger in loggers:
+        run = getattr(logger, "_experiment", None)  # None: never started (or not W&B)
+        if run is not None and hasattr(run, "finish") and rank_zero_only.rank == 0:
+            run.finish(exit_code=1 if failed else 0)

@@ -1,8 +1,8 @@
-"""Loaders the evaluator needs from any datamodule of ``data/``.
+"""The splits the evaluator and the generator's token cache read from any datamodule of ``data/``.
 
 The validation loader of a datamodule built with ``val_remainder="pad"`` gives each
 image to exactly one rank (``data.common``); padding rows carry ``PADDING_LABEL`` and are
-dropped by ``evaluation.runner.real_images``.
+dropped by ``real_images``.
 
 The latent generator needs the *training* split once, in a fixed order, with the
 evaluation transform (centre crop, no flip): ``training_split_once`` points a
@@ -16,7 +16,18 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
-from evaluation.runner import real_images
+
+
+def real_images(batch) -> Tensor:
+    """Images of a validation batch without the padding rows (label ``PADDING_LABEL``) that
+    the datamodules add so that every rank gets the same number of batches."""
+    from data.common import PADDING_LABEL
+
+    if not isinstance(batch, (list, tuple)):
+        return batch
+    images, labels = batch[0], batch[1]
+    keep = labels != PADDING_LABEL
+    return images if bool(keep.all()) else images[keep.to(images.device)]
 
 
 def check_counts_every_image(datamodule) -> None:

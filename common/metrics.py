@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from evaluation.distributed import all_reduce_sum, reduce_device
+from common.distributed import all_reduce_sum, reduce_device
 
 #: torch-fidelity's Inception-v3 port of the 2015-12-05 TF graph (what FID papers use).
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
