@@ -21,7 +21,7 @@ import pytest
 import torch
 from scipy.ndimage import correlate1d
 
-from evaluation.metrics import build_fid, psnr_per_image, ssim_per_image, to_pixels
+from common.metrics import build_fid, psnr_per_image, ssim_per_image, to_pixels
 from evaluation.runner import evaluate_tokenizer
 from inprocess import ROOT, compose_train, images, tiny_module, trainer
 from tokenizers.contract import Tokenizer
@@ -185,7 +185,7 @@ def _save_checkpoint(module, path, cfg_dict):
 
 
 def test_load_tokenizer_gives_the_ema_weights_or_the_raw_ones(tmp_path):
-    from training.checkpoints import load_tokenizer
+    from tokenizers.loading import load_tokenizer
 
     cfg = compose_train(tmp_path, ["debug=smoke", "loss.perceptual=null", "logger=none"])
     from training.run import build_module
@@ -209,8 +209,8 @@ def test_evaluate_py_reports_the_psnr_of_the_ema_weights(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from evaluation.data import validation_batches
-    from training.checkpoints import load_tokenizer
+    from data.splits import validation_batches
+    from tokenizers.loading import load_tokenizer
     from training.run import build_module
 
     cfg = compose_train(tmp_path / "train", ["debug=smoke", "loss.perceptual=null", "logger=none",

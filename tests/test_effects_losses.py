@@ -342,7 +342,8 @@ def test_regulariser_terms_reach_encoder_and_decoder_with_their_weight():
     x = x_images()
     out = tok(x)
     for make in (lambda w: ScaleEquivariance(weight=w, factors=[2], min_image_size=4),
-                 lambda w: EQVAE(weight=w, probability=1.0, modes=["rotate"], rotations=[1], min_image_size=4)):
+                 lambda w: EQVAE(weight=w, variant="additive", probability=1.0, modes=["rotate"], rotations=[1],
+                               min_image_size=4)):
         (name, term), = make(1.0)(tok, x, out, F.l1_loss).items()
         (_, doubled), = make(2.0)(tok, x, out, F.l1_loss).items()
         torch.testing.assert_close(doubled, 2 * term)

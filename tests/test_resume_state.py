@@ -110,7 +110,7 @@ def test_rerunning_in_the_same_directory_resumes_and_resume_never_starts_over(tm
 
 
 def test_a_resumed_run_keeps_its_wandb_run_id(tmp_path, monkeypatch):
-    from training import loggers
+    from common import loggers
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     run = tmp_path / "run"
