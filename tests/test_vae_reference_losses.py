@@ -77,3 +77,30 @@ def test_summed_clamp_is_about_0_05_at_256_px():
 def test_unknown_clamp_reduction_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match="'mean'.*'sum'"):
         PatchGANHinge(NLayerDiscriminator(ndf=4, n_layers=1), max_adaptive_weight_reduction="pixels")
+
+
+def test_vavae_vf_term_carries_the_reference_clamp_on_a_summed_loss():
+    from tokenizers.vae import VAVAE
+    from tokenizers.teachers import build_random_teacher
+
+    vavae = VAVAE(Encoder(width=8, mults=(1, 2), num_res_blocks=1, z_channels=4, double_z=True),
+                  Decoder(width=8, mults=(1, 2), num_res_blocks=1, z_channels=4),
+                  teacher=build_random_teacher("vf_clamp_test"), embed_dim=4,
+                  max_adaptive_weight=1e8, max_adaptive_weight_reduction="sum")
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    term = vavae(images).adaptive["vf"]
+    assert term.max_weight_for(images) == pytest.approx(1e8 / (3 * 16 * 16))
+
+
+@pytest.mark.parametrize("experiment", ["vae_f16d32_in1k256", "vavae_stage1", "vavae_stage3"])
+def test_reference_experiments_use_the_reference_clamps(experiment):
+    from hydra import compose, initialize_config_dir
+
+    from helpers import ROOT
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", "init_from=/ckpt"])
+    assert (cfg.gan.max_adaptive_weight, cfg.gan.max_adaptive_weight_reduction) == (1e4, "sum")
+    if experiment.startswith("vavae"):
+        assert (cfg.tokenizer.max_adaptive_weight, cfg.tokenizer.max_adaptive_weight_reduction) == (1e8, "sum")
+        assert cfg.tokenizer.teacher_input == "raw_bilinear"
