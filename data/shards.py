@@ -8,8 +8,10 @@ SRC_DIR may be
 - an ImageNet-style tree ``SRC/train/<class>/*`` (and optionally ``SRC/val/<class>/*``),
 - a folder of class subfolders ``SRC/<class>/*``,
 - a flat folder of images (one class, named after the folder).
-``--val-fraction F`` holds out a fraction F of every class as the validation split when
-SRC has no ``val/`` folder of its own.
+When SRC has no ``val/`` folder of its own, a validation split is held out by itself:
+``--val-fraction`` of every class (default 1 %, at least one image of every class that
+has two or more), chosen at random with ``--seed`` and stated in the output;
+``--val-fraction 0`` writes no validation split.
 
 OUT_DIR then holds::
 
@@ -54,6 +56,11 @@ INDEX_FORMAT = "tokbench-shards-v1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # kept byte for byte
 SPLITS = ("train", "val")
+DEFAULT_VAL_FRACTION = 0.01  # held out per class when the source has no val/ folder
+
+
+class NoShardsMatched(FileNotFoundError):
+    """A shard pattern matched no file at all (as opposed to some listed shards missing)."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -86,7 +93,7 @@ def expand_shards(root: str | os.PathLike | None, spec: str | Sequence[str]) -> 
         else:
             shards.append(entry)
     if not shards:
-        raise FileNotFoundError(
+        raise NoShardsMatched(
             f"No shards matched {spec!r} under root {root!r}. Fix: write shards with "
             "`python -m data.shards SRC_DIR OUT_DIR` and set data.root=OUT_DIR, or point "
             "data.train_shards / data.val_shards at your shards (brace patterns like "
@@ -232,8 +239,10 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def scan_source(src: Path, val_fraction: float = 0.0, seed: int = 0) -> tuple[list[str], dict[str, list]]:
-    """-> (class names, {split: [(path, label, key_root), ...]}) for the three layouts."""
+def scan_source(src: Path, val_fraction: float | None = None, seed: int = 0) -> tuple[list[str], dict[str, list]]:
+    """-> (class names, {split: [(path, label, key_root), ...]}) for the three layouts.
+
+    ``val_fraction=None``: hold out ``DEFAULT_VAL_FRACTION`` when SRC has no val/ folder."""
     if not src.is_dir():
         raise NotADirectoryError(f"SRC_DIR {src} is not a directory.")
     if (src / "train").is_dir() and _class_folders(src / "train"):
@@ -242,8 +251,9 @@ def scan_source(src: Path, val_fraction: float = 0.0, seed: int = 0) -> tuple[li
         if (src / "val").is_dir():
             split_roots["val"] = src / "val"
         splits = {name: _labelled(root, classes) for name, root in split_roots.items()}
-        if "val" in splits and val_fraction > 0:
-            log.warning("SRC has its own val/ folder: --val-fraction %s is ignored.", val_fraction)
+        if "val" in splits:
+            if val_fraction:
+                log.warning("SRC has its own val/ folder: --val-fraction %s is ignored.", val_fraction)
             val_fraction = 0.0
     elif _class_folders(src):
         classes = [p.name for p in _class_folders(src)]
@@ -253,10 +263,16 @@ def scan_source(src: Path, val_fraction: float = 0.0, seed: int = 0) -> tuple[li
         splits = {"train": [(p, 0, src) for p in _images_in(src)]}
     if not splits["train"]:
         raise FileNotFoundError(f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {src}.")
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION
     if val_fraction > 0:
         if not 0 < val_fraction < 1:
             raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}.")
-        splits["train"], splits["val"] = _hold_out(splits["train"], val_fraction, seed)
+        train, val = _hold_out(splits["train"], val_fraction, seed)
+        if val:
+            splits["train"], splits["val"] = train, val
+        else:
+            log.warning("No class of %s has two images: no validation split is held out.", src)
     return classes, splits
 
 
@@ -277,7 +293,9 @@ def _labelled(split_root: Path, classes: Sequence[str]) -> list:
 
 
 def _hold_out(samples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Per-class random hold-out (stratified), deterministic in ``seed``."""
+    """Per-class random hold-out (stratified), deterministic in ``seed``: ``fraction`` of
+    every class, at least one image of each class that has two or more (a class with a
+    single image keeps it for training)."""
     rng = random.Random(seed)
     by_class: dict[int, list] = {}
     for sample in samples:
@@ -286,11 +304,9 @@ def _hold_out(samples: list, fraction: float, seed: int) -> tuple[list, list]:
     for label in sorted(by_class):
         members = by_class[label]
         rng.shuffle(members)
-        n_val = round(fraction * len(members))
+        n_val = max(1, round(fraction * len(members))) if len(members) >= 2 else 0
         val.extend(members[:n_val])
         train.extend(members[n_val:])
-    if not val:
-        raise ValueError(f"--val-fraction {fraction} holds out no image; use a larger fraction.")
     return train, val
 
 
@@ -304,15 +320,19 @@ def write_shards(
     out: str | os.PathLike,
     maxcount: int = 1000,
     maxsize: float = 1e9,
-    val_fraction: float = 0.0,
+    val_fraction: float | None = None,
     seed: int = 0,
     verify: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Write SRC's images as shards into OUT; returns the index written to shards.json."""
+    """Write SRC's images as shards into OUT; returns the index written to shards.json
+    (with ``held_out``: the fraction held out for validation, 0 when SRC has val/)."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     classes, splits = scan_source(src, val_fraction, seed)
+    has_val_folder = (src / "train").is_dir() and (src / "val").is_dir()
+    held_out = 0.0 if has_val_folder or "val" not in splits else (
+        DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction)
     out.mkdir(parents=True, exist_ok=True)
     existing = [p for p in out.iterdir() if p.name.endswith(".tar") or p.name in (INDEX_FILE, CLASSES_FILE)]
     if existing:
@@ -345,7 +365,7 @@ def write_shards(
         if failed:
             log.warning("%s: skipped %d unreadable images of %d.", split, len(failed), len(samples))
     write_index(out, classes, written)
-    return read_index(out)
+    return {**read_index(out), "held_out": held_out}
 
 
 def main(argv: Iterable[str] | None = None) -> None:
@@ -359,8 +379,9 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most (default 1000)")
     parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most (default 1e9)")
     parser.add_argument(
-        "--val-fraction", type=float, default=0.0,
-        help="hold out this fraction of every class as the val split when SRC has no val/ folder",
+        "--val-fraction", type=float, default=None,
+        help=f"when SRC has no val/ folder: hold out this fraction of every class (at least one image) as "
+        f"the val split (default {DEFAULT_VAL_FRACTION}; 0 = no val split)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the train shuffle and the val hold-out")
     parser.add_argument("--verify", action="store_true", help="fully decode every image (slow); default: header check")
@@ -376,6 +397,11 @@ def main(argv: Iterable[str] | None = None) -> None:
         sys.exit(f"error: {exn}")
     for split, info in index["splits"].items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
+    if index["held_out"]:
+        print(f"{args.src} has no val/ folder: held out {index['held_out']:.1%} of every class (at least one "
+              f"image per class, seed {args.seed}) as the validation split; --val-fraction changes it, 0 disables it.")
+    elif "val" not in index["splits"]:
+        print("No validation split written (--val-fraction 0): training will run without validation.")
     print(f"{index['num_classes']} classes; wrote {Path(args.out) / CLASSES_FILE} and {Path(args.out) / INDEX_FILE}")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 from itertools import islice
 from typing import Iterator, Sequence
 
@@ -39,7 +40,7 @@ from data.common import (
     resolve_rank,
     split_for_rank,
 )
-from data.shards import expand_shards, read_index, shard_sample_counts
+from data.shards import NoShardsMatched, expand_shards, read_index, shard_sample_counts
 from data.transforms import EvalTransform, TrainTransform, decode_image
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,26 @@ class NodeSplitter:
 
     def __call__(self, source: Iterator) -> Iterator:
         yield from islice(source, self.rank, None, self.world_size)
+
+
+def worker_id() -> int:
+    info = torch.utils.data.get_worker_info()
+    return 0 if info is None else info.id
+
+
+class SeededShuffle:
+    """Pipeline stage: webdataset's shuffle buffer with its random generator seeded from
+    (seed, rank, DataLoader worker, pass) instead of webdataset's default of process id
+    and clock, so the same seed gives the same data order run to run."""
+
+    def __init__(self, bufsize: int, initial: int, seed: int, rank: int):
+        self.bufsize, self.initial, self.seed, self.rank = bufsize, initial, seed, rank
+        self.passes = 0  # per worker process: each epoch's iterator gets its own stream
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        rng = random.Random(f"shuffle-{self.seed}-{self.rank}-{worker_id()}-{self.passes}")
+        self.passes += 1
+        yield from wds.shuffle(self.bufsize, self.initial, rng=rng)(samples)
 
 
 class DecodeSamples:
@@ -82,6 +103,7 @@ class DecodeSamples:
             except Exception as exn:
                 self.skips.record(key, exn)
                 continue
+            self.skips.success()
             yield image, label
 
 
@@ -186,9 +208,13 @@ class WebDatasetDataModule(pl.LightningDataModule):
         train_batches_per_epoch: batches per rank per epoch; None derives
             floor(train samples / (batch_size * world_size)) from ``shards.json``.
         shuffle_buffer: samples held by each worker's shuffle buffer (raw bytes).
+        shuffle_seed: seed of the training data order (shard resampling and shuffle
+            buffer, combined with rank and worker); the configs pass the run's ``seed``.
         max_upscale: training short side is drawn from [R, max_upscale * R].
         val_remainder: "drop" or "pad" (see ``data.common``).
         rank, world_size: override the rank of this process (tests, custom launchers).
+        max_consecutive_failures: unreadable shards / samples in a row (per worker) after
+            which reading stops with an error instead of retrying forever.
     """
 
     def __init__(
@@ -201,6 +227,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         num_workers: int = 4,
         train_batches_per_epoch: int | None = None,
         shuffle_buffer: int = 2000,
+        shuffle_seed: int = 0,
         max_upscale: float = 1.25,
         flip: bool = True,
         val_batch_size: int | None = None,
@@ -208,6 +235,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        max_consecutive_failures: int = 1000,
     ):
         super().__init__()
         self.root = os.path.expanduser(str(root))
@@ -218,13 +246,14 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.train_batches_per_epoch = train_batches_per_epoch
         self.shuffle_buffer = int(shuffle_buffer)
+        self.shuffle_seed = int(shuffle_seed)
         self.train_transform = TrainTransform(resolution, max_upscale=max_upscale, flip=flip)
         self.eval_transform = EvalTransform(resolution)
         split_for_rank(1, 0, 1, val_remainder)  # validates the policy name now, not at the first epoch
         self.val_remainder = val_remainder
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._rank, self._world_size = rank, world_size
-        self.skips = SkipCounter()
+        self.skips = SkipCounter(max_consecutive=max_consecutive_failures)
         self.val_split: RankSplit | None = None
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
@@ -251,7 +280,17 @@ class WebDatasetDataModule(pl.LightningDataModule):
             self._train_urls = expand_shards(self.root, self.train_shards)
         wants_val = stage in (None, "fit", "validate") and self.val_shards is not None
         if wants_val and (self._val_urls is None or self._val_spec != self.val_shards):
-            self._val_urls = expand_shards(self.root, self.val_shards)
+            try:
+                self._val_urls = expand_shards(self.root, self.val_shards)
+            except NoShardsMatched:
+                if stage == "validate":
+                    raise
+                self._val_urls = []  # train anyway: validation is a measurement, not a requirement
+                if self.rank_and_world_size()[0] == 0:
+                    log.warning(
+                        "No validation shards match data.val_shards=%r under %s: training runs WITHOUT validation "
+                        "(no val/ metrics or val images). Fix: `python -m data.shards SRC OUT` holds out a "
+                        "validation split by itself; data.val_shards=null silences this.", self.val_shards, self.root)
             self._val_counts = shard_sample_counts(self._val_urls, self.root)
             self._val_spec = self.val_shards  # re-resolved if someone points val_shards elsewhere
 
@@ -286,19 +325,19 @@ class WebDatasetDataModule(pl.LightningDataModule):
                         len(urls), world_size)
         log.info("Training shards for rank %d/%d: %s", rank, world_size,
                  ", ".join(os.path.basename(str(u)) for u in urls) if nodesplitter is None else "all (shared)")
-        dataset = (
-            wds.WebDataset(
-                urls,
-                resampled=True,
-                shardshuffle=False,  # resampling already draws shards at random
-                nodesplitter=nodesplitter,
-                workersplitter=wds.split_by_worker,
-                handler=self.skips.handler,
-            )
-            .shuffle(self.shuffle_buffer, initial=max(1, self.shuffle_buffer // 4))
-            .compose(DecodeSamples(self.train_transform, self.skips))
-            .batched(self.batch_size, collation_fn=collate, partial=False)
-        )
+        # Shards drawn with replacement, then a shuffle buffer: both seeded from
+        # (shuffle_seed, rank, worker), never from the clock (webdataset's default).
+        shard_seed = wds.utils.make_seed(self.shuffle_seed, rank)
+        stages = [wds.ResampledShards(urls, seed=shard_seed, worker_seed=worker_id, deterministic=True)]
+        if nodesplitter is not None:
+            stages.append(nodesplitter)
+        stages += [
+            wds.tarfile_to_samples(handler=self.skips.handler),
+            SeededShuffle(self.shuffle_buffer, max(1, self.shuffle_buffer // 4), self.shuffle_seed, rank),
+            DecodeSamples(self.train_transform, self.skips),
+            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+        ]
+        dataset = wds.DataPipeline(*stages)
         loader = wds.WebLoader(
             dataset,
             batch_size=None,  # batched inside the workers
@@ -315,7 +354,9 @@ class WebDatasetDataModule(pl.LightningDataModule):
         if self.val_shards is None:
             return []  # no validation split configured: Lightning skips validation
         if self._val_urls is None or self._val_spec != self.val_shards:
-            self.setup("validate")
+            self.setup("validate")  # strict: validating alone without validation shards is an error
+        if not self._val_urls:
+            return []  # no validation shards (warned in setup)
         rank, world_size = self.rank_and_world_size()
         self.val_split = split = split_for_rank(sum(self._val_counts), rank, world_size, self.val_remainder)
         if split.dropped and rank == 0:

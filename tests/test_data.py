@@ -71,7 +71,7 @@ def test_shard_writer_round_trip_preserves_bytes_and_labels(tmp_path):
             path.write_bytes(encoded_image(10 * c + i, fmt=fmt))
             originals[path.read_bytes()] = c
 
-    shards_main([str(src), str(tmp_path / "out"), "--maxcount", "4"])
+    shards_main([str(src), str(tmp_path / "out"), "--maxcount", "4", "--val-fraction", "0"])
 
     out = tmp_path / "out"
     assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]
@@ -102,7 +102,7 @@ def test_shard_writer_treats_a_flat_folder_as_one_class(tmp_path):
     for i in range(3):
         (tmp_path / "photos" / f"{i}.jpg").write_bytes(encoded_image(i))
 
-    shards_main([str(tmp_path / "photos"), str(tmp_path / "out")])
+    shards_main([str(tmp_path / "photos"), str(tmp_path / "out"), "--val-fraction", "0"])
 
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["photos"]
     assert [int(s["cls"]) for s in wds.WebDataset(str(tmp_path / "out" / "train-000000.tar"), shardshuffle=False)] == [0] * 3

@@ -1,6 +1,8 @@
 """Latent-space regularisers: transforms, EQ-VAE target alignment, scale equivariance."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,7 +118,8 @@ def test_eq_vae_scaled_target_has_the_decoded_size():
 
 
 def test_eq_vae_sampled_transforms_stay_in_the_configured_ranges():
-    reg = EQVAE(scale_range=(0.25, 0.97), rotations=(1, 2, 3))
+    reg = EQVAE(scale_range=(0.25, 0.97), rotations=(1, 2, 3), scale_step=None,
+                modes=("scale", "rotate", "scale_rotate"))
     for _ in range(200):
         t = reg.sample_transform()
         assert t.scale_factor is not None or t.k != 0
@@ -128,8 +131,8 @@ def test_eq_vae_adds_its_weighted_term_only_on_transformed_steps():
     tok = ToyTokenizer(identity=False)
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     out = tok(x)
-    assert EQVAE(probability=0.0)(tok, x, out, F.mse_loss) == {}
-    term = EQVAE(probability=1.0, weight=0.5, modes=("rotate",))(tok, x, out, F.mse_loss)
+    assert EQVAE(variant="additive", probability=0.0)(tok, x, out, F.mse_loss) == {}
+    term = EQVAE(variant="additive", probability=1.0, weight=0.5, modes=("rotate",))(tok, x, out, F.mse_loss)
     assert set(term) == {"eq_vae"}
     assert term["eq_vae"].requires_grad
 
@@ -213,7 +216,101 @@ def test_regularizers_train_the_decoder_through_the_contract(build):
     tok = build()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     out = tok(x)
-    for reg in (ScaleEquivariance(factors=[2, 4], min_image_size=4), EQVAE(probability=1.0, min_image_size=4)):
+    for reg in (ScaleEquivariance(factors=[2, 4], min_image_size=4),
+                EQVAE(variant="additive", probability=1.0, min_image_size=4)):
         (loss,) = reg(tok, x, out, F.l1_loss).values()
         grad = torch.autograd.grad(loss, tok.decoder_last_layer(), retain_graph=True)[0]
         assert grad.abs().sum() > 0
+
+
+# -- EQ-VAE, the paper's variant: the whole step on the transformed pair ------------------------
+def test_eq_vae_paper_scales_come_from_the_k_over_32_grid_with_a_rotation_every_time():
+    reg = EQVAE()  # the paper's defaults
+    seen = set()
+    for _ in range(400):
+        t = reg.sample_transform((16, 16), (256, 256))
+        assert t.k in (1, 2, 3)
+        k32 = t.scale_factor * 32
+        assert k32 == pytest.approx(round(k32)) and 8 <= round(k32) <= 31
+        seen.add(round(k32))
+    assert seen == set(range(8, 32))
+
+
+def test_eq_vae_paper_step_compares_the_decoded_transformed_latent_with_the_transformed_image():
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    transform = LatentTransform(0.5, 1)
+    torch.manual_seed(1)
+    target, out = EQVAE().transformed_pair(vae, x, transform)
+    torch.manual_seed(1)
+    z = vae(x).latents  # the same posterior sample
+    assert torch.allclose(out.latents, rotate90(scale(z, (4, 4), antialias=False), 1))
+    assert torch.allclose(out.reconstruction, vae.decode_latents(out.latents), atol=1e-6)
+    assert out.reconstruction.shape == target.shape == (2, 3, 8, 8)
+    assert torch.allclose(target, rotate90(scale(x, (8, 8), antialias=False), 1))
+    assert set(out.losses) == {"kl"}  # the step's other losses come along
+
+
+def test_eq_vae_paper_step_reaches_the_encoder_through_the_transformed_latent():
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    target, out = EQVAE().transformed_pair(vae, x, LatentTransform(0.5, 2))
+    loss = F.l1_loss(out.reconstruction, target)  # no KL: the path through Dec(T z) alone
+    grad = torch.autograd.grad(loss, vae.encoder.conv_in.weight)[0]
+    assert grad.abs().sum() > 0
+
+
+def test_eq_vae_paper_branches_follow_their_probabilities():
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    # only the low-resolution prior branch: the plain step on a downscaled image
+    reg = EQVAE(probability=0.0, low_res_probability=1.0, scale_range=(0.5, 0.5), min_image_size=4)
+    target, out = reg.training_pair(vae, x)
+    assert target.shape == out.reconstruction.shape == (1, 3, 16, 16)
+    assert target.shape[-1] % 2 == 0  # a multiple of the downsampling factor
+    assert torch.allclose(target, scale(x, target.shape[-2:], antialias=False))
+    # neither branch: the plain step
+    assert EQVAE(probability=0.0, low_res_probability=0.0).training_pair(vae, x) is None
+    # the additive variant never replaces the step
+    assert EQVAE(variant="additive", probability=1.0).training_pair(vae, x) is None
+
+
+def test_eq_vae_paper_adds_no_term_the_step_is_the_objective():
+    vae = tiny_vae()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert EQVAE(probability=1.0)(vae, x, vae(x), F.l1_loss) == {}
+
+
+def test_eq_vae_paper_step_goes_through_the_loop_and_its_discriminator():
+    from tokenizers.gan import NLayerDiscriminator, PatchGANHinge
+    from tokenizers.losses import ReconstructionLoss
+    from training.module import TokenizerModule
+
+    class SpyGAN(PatchGANHinge):
+        seen: list = []
+
+        def discriminator_loss(self, real, fake, step=None):
+            self.seen.append((real.shape, fake.shape))
+            return super().discriminator_loss(real, fake, step)
+
+    torch.manual_seed(0)
+    random.seed(0)
+    vae = tiny_vae()
+    gan = SpyGAN(NLayerDiscriminator(ndf=4, n_layers=1), disc_start=0)
+    # the 1-layer PatchGAN needs >= 8 px images
+    module = TokenizerModule(vae, ReconstructionLoss(pixel="l1", perceptual_weight=0), gan,
+                             regularizer=EQVAE(probability=1.0, min_image_size=8), ema_decay=None)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    target, out = module.training_pair(x)
+    assert target.shape[-1] < 16 and out.reconstruction.shape == target.shape
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, DataLoader(TensorDataset(torch.rand(4, 3, 16, 16) * 2 - 1, torch.zeros(4)), batch_size=2))
+    assert len(SpyGAN.seen) == 2
+    assert all(real == fake and real[-1] < 16 for real, fake in SpyGAN.seen)  # transformed pairs

@@ -39,7 +39,7 @@ class FixedTeacher(nn.Module):
         self.grid = grid
         self.embed_dim = patches.shape[-1]
 
-    def forward(self, images):
+    def forward(self, images, input_mode="normalized"):
         p = self.patches[: images.shape[0]]
         return TeacherFeatures(cls=p.mean(1), patches=p, grid=self.grid)
 
@@ -252,3 +252,20 @@ def test_vavae_rebuilds_without_loading_its_teacher_until_the_vf_loss_needs_it(m
     assert model.vf_projection.out_channels == 1024  # DINOv2 ViT-L width, from the architecture alone
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     assert model.decode(model.encode(x)).shape == x.shape
+
+
+def test_vavae_feeds_the_teacher_raw_images_bilinearly_resized_as_the_reference():
+    from tokenizers.teachers import build_random_teacher
+
+    teacher = build_random_teacher("vavae_input_test", image_size=112)
+    encoder, decoder = tiny_parts()
+    model = VAVAE(encoder, decoder, teacher=teacher, embed_dim=3)
+    x = torch.rand(2, 3, 160, 160) * 2 - 1  # shrunk to the teacher's size, as 256 -> 224
+    grid = teacher.grid
+    feats = model.teacher_features(x, grid)
+    # LightningDiT foundation_models.py: interpolate(x, 224, bilinear), forward_features, [:, 1:]
+    raw = F.interpolate(x, size=(112, 112), mode="bilinear", align_corners=False)
+    expected = teacher.model.forward_features(raw)[:, 1:].transpose(1, 2).reshape(2, -1, *grid)
+    assert torch.allclose(feats, expected, atol=1e-5)
+    normalized = VAVAE(*tiny_parts(), teacher=teacher, embed_dim=3, teacher_input="normalized")
+    assert not torch.allclose(normalized.teacher_features(x, grid), expected, atol=1e-3)

@@ -6,7 +6,7 @@ tokenizers through this file, so adding a family means one model file plus one c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,36 @@ class AdaptiveTerm:
     param: Tensor
     weight: float = 1.0
     max_weight: float = 1e4
+    #: the reduction over pixels of the reconstruction loss ``max_weight`` was published
+    #: for: ``"mean"`` (this project's loss) or ``"sum"`` (LDM / taming / VA-VAE sum over
+    #: the C*H*W elements of each image; see ``max_weight_for``)
+    max_weight_reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        check_reduction(self.max_weight_reduction, "max_weight_reduction")
+
+    def max_weight_for(self, images: Tensor) -> float:
+        """The clamp in this project's (pixel-mean) units for a batch of target ``images``.
+
+        A reference that sums its reconstruction loss over the ``N = C*H*W`` elements of
+        each image measures a gradient-norm ratio ``N`` times this project's, clamps that,
+        and adds ``w_sum * loss`` to an objective ``N`` times this project's. Divided by
+        ``N``, its effective weight is ``min(ratio_mean, max_weight / N)``: the same
+        formula with the clamp divided by ``N`` (exact, the ``1e-4`` sits on the other
+        gradient). ``N`` is read from the step's images, so a step at another resolution
+        (EQ-VAE's low-resolution branch) gets the reference's clamp too."""
+        if self.max_weight_reduction == "sum":
+            return self.max_weight / images[0].numel()
+        return self.max_weight
+
+
+def check_reduction(value: str, key: str) -> str:
+    if value not in ("mean", "sum"):
+        raise ValueError(
+            f"{key} must be 'mean' (the clamp is for a pixel-averaged loss, as this project's) or 'sum' "
+            f"(published for a pixel-summed loss, as LDM / VA-VAE), got {value!r}."
+        )
+    return value
 
 
 @dataclass
@@ -68,6 +98,15 @@ class Tokenizer(nn.Module):
 
     def forward(self, images: Tensor) -> TokenizerOutput:
         raise NotImplementedError
+
+    def forward_transformed(self, images: Tensor, latent_transform) -> TokenizerOutput:
+        """``forward`` whose decoder reads ``latent_transform(latents)`` (EQ-VAE's step on a
+        transformed pair); the returned ``latents`` are the transformed ones. This default
+        decodes twice (the plain reconstruction is discarded); families override it to
+        decode once."""
+        out = self(images)
+        z = latent_transform(out.latents)
+        return replace(out, reconstruction=self.decode_latents(z), latents=z)
 
     def encode_latents(self, images: Tensor) -> Tensor:
         """Images -> the continuous spatial latent the decoder reads (quantized for VQ).

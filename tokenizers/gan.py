@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenizers.contract import check_reduction
+
 
 class NLayerDiscriminator(nn.Module):
     """PatchGAN (pix2pix / taming): 4x4 convs, BatchNorm, LeakyReLU 0.2, N(0, 0.02) init."""
@@ -44,7 +46,10 @@ class AdversarialLoss(nn.Module):
     ``weighting``: ``constant`` (generator term times ``disc_weight``, LlamaGen) or
     ``adaptive`` (taming: ``||grad nll|| / (||grad g|| + 1e-4)`` on the decoder's last
     layer, clamped to ``max_adaptive_weight``, times ``disc_weight``). Both generator and
-    discriminator terms are off before ``disc_start``.
+    discriminator terms are off before ``disc_start``. ``max_adaptive_weight_reduction``
+    ``sum`` reads ``max_adaptive_weight`` as published for a pixel-summed loss (taming /
+    LDM / VA-VAE: 1e4) and applies the equivalent clamp to this project's averaged loss
+    (``AdaptiveTerm.max_weight_for``).
 
     ``weight_disc_loss``: multiply the discriminator's own loss by ``disc_weight`` too, as
     LlamaGen's and FQGAN's ``VQLoss`` do (``disc_weight * hinge_d_loss``). Adam barely sees
@@ -53,10 +58,13 @@ class AdversarialLoss(nn.Module):
     """
 
     def __init__(self, discriminator: nn.Module, disc_start: int = 0, weighting: str = "constant",
-                 disc_weight: float = 0.5, max_adaptive_weight: float = 1e4, weight_disc_loss: bool = False):
+                 disc_weight: float = 0.5, max_adaptive_weight: float = 1e4, weight_disc_loss: bool = False,
+                 max_adaptive_weight_reduction: str = "mean"):
         super().__init__()
         if weighting not in ("constant", "adaptive"):
             raise ValueError(f"gan.weighting must be 'constant' or 'adaptive', got {weighting!r}")
+        self.max_adaptive_weight_reduction = check_reduction(max_adaptive_weight_reduction,
+                                                             "gan.max_adaptive_weight_reduction")
         self.discriminator = discriminator
         self.disc_start = disc_start
         self.weighting = weighting

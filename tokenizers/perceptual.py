@@ -47,6 +47,8 @@ class LPIPS(nn.Module):
     ``disable`` (no perceptual term, logged loudly; the CPU demo default).
     """
 
+    rebuilt_from_weight_file = True  # frozen and loaded from its own file: checkpoints leave it out
+
     def __init__(self, weights: str | None = None, on_missing: str = "error"):
         super().__init__()
         if on_missing not in ("error", "random", "disable"):

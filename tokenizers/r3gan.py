@@ -60,6 +60,7 @@ class R3GANLoss(AdversarialLoss):
         weighting: str = "constant",
         disc_weight: float = 0.5,
         max_adaptive_weight: float = 1e4,
+        max_adaptive_weight_reduction: str = "mean",
         gamma: float = 1.0,
         gamma_end: float | None = None,
         gamma_steps: int = 0,
@@ -75,6 +76,7 @@ class R3GANLoss(AdversarialLoss):
             weighting=weighting,
             disc_weight=disc_weight,
             max_adaptive_weight=max_adaptive_weight,
+            max_adaptive_weight_reduction=max_adaptive_weight_reduction,
         )
         self.gamma = float(gamma)
         self.gamma_end = float(gamma / 10.0 if gamma_end is None else gamma_end)

@@ -49,7 +49,10 @@ def scale(x: Tensor, size: Sequence[int] | int, antialias: bool = True) -> Tenso
 
 
 def _spatial_latents(output: TokenizerOutput, name: str) -> Tensor:
-    z = output.latents
+    return _check_spatial(output.latents, name)
+
+
+def _check_spatial(z, name: str) -> Tensor:
     if not isinstance(z, Tensor) or z.dim() != 4:
         got = type(z).__name__ if not isinstance(z, Tensor) else f"a {z.dim()}-d tensor"
         raise TypeError(
@@ -61,7 +64,16 @@ def _spatial_latents(output: TokenizerOutput, name: str) -> Tensor:
 
 class Regularizer(nn.Module):
     """Base class: ``regularizer(tokenizer, images, output, reconstruction_loss) -> dict``
-    of already-weighted losses added to the tokenizer's objective."""
+    of already-weighted losses added to the tokenizer's objective.
+
+    ``training_pair(tokenizer, images)`` lets a regulariser replace the step itself: it
+    returns ``(target_images, output)`` for the loop to train on (every loss of the step,
+    the discriminator's included, then compares ``output.reconstruction`` with
+    ``target_images``), or None for the plain step ``(images, tokenizer(images))``.
+    """
+
+    def training_pair(self, tokenizer: Tokenizer, images: Tensor) -> tuple[Tensor, TokenizerOutput] | None:
+        return None
 
     def forward(
         self,
@@ -143,7 +155,8 @@ class LatentTransform:
     def latent_size(self, h: int, w: int) -> tuple[int, int]:
         if self.scale_factor is None:
             return h, w
-        return max(1, round(h * self.scale_factor)), max(1, round(w * self.scale_factor))
+        # floor, as F.interpolate(scale_factor=s) in the paper (s < 1 always shrinks)
+        return (max(1, math.floor(h * self.scale_factor + 1e-6)), max(1, math.floor(w * self.scale_factor + 1e-6)))
 
     def apply(self, x: Tensor, size: Sequence[int] | None = None, antialias: bool = True) -> Tensor:
         """Apply to latents or images. ``size``: the (h, w) to scale to (before rotation);
@@ -157,46 +170,79 @@ class LatentTransform:
 class EQVAE(Regularizer):
     """EQ-VAE (Kouzelis et al. 2025): equivariance of the decoder to latent transforms.
 
-    With probability ``probability`` per step, a transform T is drawn (one of ``modes``:
-    ``scale`` with s ~ U[scale_range], ``rotate`` by k in ``rotations``, or
-    ``scale_rotate`` both) and ``weight * d(Dec(T z), T x)`` is added, ``d`` the loop's
-    reconstruction loss. The reference replaces the whole step's loss by the transformed
-    one; through this interface the untransformed loss stays and this term is added
-    (so the expected objective weights the transformed targets by ``probability * weight``).
-    Returns an empty dict on steps without a transform.
+    ``variant="paper"`` follows the paper's code (github.com/zelaki/eqvae,
+    ``train_eqvae/ldm/models/autoencoder.py``), through ``training_pair``: per step,
+
+    - with probability ``probability`` (its ``p_prior`` 0.5) the whole step runs on the
+      transformed pair: the latent z of the step is scaled (s drawn from ``scale_range``
+      on a grid of ``scale_step``: {8/32, ..., 31/32}) and rotated (k in ``rotations``)
+      together, decoded, and every loss of the step (reconstruction, perceptual, GAN, the
+      discriminator's) compares ``Dec(T z)`` with the identically transformed image ``T x``;
+    - otherwise, with probability ``low_res_probability`` (its ``p_prior_s`` 0.25), prior
+      preservation at low resolution: the image is downscaled by such an s and the plain
+      step runs on it;
+    - otherwise the plain step.
+
+    The image is resized to the decoded size (the paper resizes by the same factor, which
+    is the decoded size when the latent side times s is an integer, as for its f8 VAEs at
+    256 px); low-resolution images are rounded to a multiple of the tokenizer's
+    downsampling factor. The paper rotates with ``dims=[-1, -2]`` (clockwise) and this
+    code counter-clockwise: with k uniform over {1, 2, 3} the same set of transforms.
+    Resizing is plain bilinear in the paper (``antialias: false``).
+
+    ``variant="additive"`` keeps the untransformed step and adds ``weight * d(Dec(T z), T x)``
+    with probability ``probability`` (one of ``modes`` per step: ``scale``, ``rotate`` or
+    ``scale_rotate``), d the loop's reconstruction loss; no low-resolution branch.
     """
 
     def __init__(
         self,
+        variant: str = "paper",
         weight: float = 1.0,
         probability: float = 0.5,
+        low_res_probability: float = 0.25,
         scale_range: Sequence[float] = (0.25, 0.97),
+        scale_step: float | None = 1.0 / 32,
         rotations: Sequence[int] = (1, 2, 3),
-        modes: Sequence[str] = ("scale", "rotate", "scale_rotate"),
-        antialias: bool = True,
+        modes: Sequence[str] = ("scale_rotate",),
+        antialias: bool = False,
         min_image_size: int = 16,
     ):
         super().__init__()
+        if variant not in ("paper", "additive"):
+            raise ValueError(f"EQ-VAE variant must be 'paper' or 'additive', got {variant!r}.")
         bad = set(modes) - {"scale", "rotate", "scale_rotate"}
         if bad or not modes:
             raise ValueError(f"EQ-VAE modes must be among scale, rotate, scale_rotate; got {list(modes)}.")
         if not 0.0 < scale_range[0] <= scale_range[1] <= 1.0:
             raise ValueError(f"EQ-VAE scale_range must satisfy 0 < low <= high <= 1, got {list(scale_range)}.")
+        if scale_step is not None and scale_step <= 0:
+            raise ValueError(f"EQ-VAE scale_step must be > 0 or null (continuous scales), got {scale_step}.")
+        self.variant = variant
         self.weight = weight
         self.probability = probability
+        self.low_res_probability = low_res_probability
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.scale_step = None if scale_step is None else float(scale_step)
         self.rotations = tuple(int(k) for k in rotations)
         self.modes = tuple(modes)
         self.antialias = antialias
         # LPIPS-VGG needs >= 16 px: small scales are raised so the decoded image keeps this size
         self.min_image_size = min_image_size
 
+    def sample_scale(self) -> float:
+        low, high = self.scale_range
+        if self.scale_step is None:
+            return random.uniform(low, high)
+        first, last = math.ceil(low / self.scale_step - 1e-9), math.floor(high / self.scale_step + 1e-9)
+        return random.randint(first, last) * self.scale_step
+
     def sample_transform(self, latent_hw: Sequence[int] | None = None, image_hw: Sequence[int] | None = None) -> LatentTransform:
         """Draw a transform; with the latent and image sizes, a scale is raised where needed
         so that the decoded image keeps ``min_image_size`` pixels (dropped if even s = 1
         cannot)."""
         mode = random.choice(self.modes)
-        s = random.uniform(*self.scale_range) if "scale" in mode else None
+        s = self.sample_scale() if "scale" in mode else None
         k = random.choice(self.rotations) if "rotate" in mode else 0
         if s is not None and latent_hw is not None and image_hw is not None:
             h = min(latent_hw)
@@ -209,16 +255,51 @@ class EQVAE(Regularizer):
             k = random.choice(self.rotations) if self.rotations else 0
         return LatentTransform(scale_factor=s, k=k)
 
-    def transformed_loss(self, tokenizer, images, latents, reconstruction_loss, transform: LatentTransform):
-        """``d(Dec(T z), T x)`` for a given transform (the image goes to the decoded size)."""
-        z_t = transform.apply(latents, antialias=self.antialias)
-        recon = tokenizer.decode_latents(z_t)
+    def _target(self, images: Tensor, recon: Tensor, transform: LatentTransform) -> Tensor:
         # the decoded size before rotation: rot90 by an odd k swaps H and W
         size = recon.shape[-2:] if transform.k % 2 == 0 else recon.shape[-2:][::-1]
-        target = transform.apply(images, size=size if transform.scale_factor is not None else None, antialias=self.antialias)
-        return reconstruction_loss(recon, target)
+        return transform.apply(images, size=size if transform.scale_factor is not None else None,
+                               antialias=self.antialias)
+
+    def transformed_loss(self, tokenizer, images, latents, reconstruction_loss, transform: LatentTransform):
+        """``d(Dec(T z), T x)`` for a given transform (the image goes to the decoded size)."""
+        recon = tokenizer.decode_latents(transform.apply(latents, antialias=self.antialias))
+        return reconstruction_loss(recon, self._target(images, recon, transform))
+
+    # -- the paper's step ---------------------------------------------------------------------
+    def transformed_pair(self, tokenizer: Tokenizer, images: Tensor,
+                         transform: LatentTransform) -> tuple[Tensor, TokenizerOutput]:
+        """``(T x, output with reconstruction Dec(T z))``: the step's forward, its decoder
+        reading the transformed latent (its other losses, e.g. KL and VF, unchanged)."""
+        out = tokenizer.forward_transformed(
+            images, lambda z: transform.apply(_check_spatial(z, "eq_vae"), antialias=self.antialias))
+        return self._target(images, out.reconstruction, transform), out
+
+    def low_resolution_pair(self, tokenizer: Tokenizer, images: Tensor, s: float) -> tuple[Tensor, TokenizerOutput]:
+        """The plain step on the image downscaled by ``s`` (side rounded to a multiple of the
+        tokenizer's downsampling factor, at least ``min_image_size``)."""
+        h, w = images.shape[-2:]
+        factor = max(1, h // tokenizer.token_shape(h)[0])
+        least = factor * math.ceil(self.min_image_size / factor)
+        size = tuple(min(n, max(least, factor * round(n * s / factor))) for n in (h, w))
+        small = scale(images, size, self.antialias)
+        return small, tokenizer(small)
+
+    def training_pair(self, tokenizer, images):
+        if self.variant != "paper":
+            return None
+        if random.random() < self.probability:
+            side = min(images.shape[-2:])
+            tokens = tokenizer.token_shape(side)[0]
+            transform = self.sample_transform((tokens, tokens), (side, side))
+            return self.transformed_pair(tokenizer, images, transform)
+        if random.random() < self.low_res_probability:
+            return self.low_resolution_pair(tokenizer, images, self.sample_scale())
+        return None
 
     def forward(self, tokenizer, images, output, reconstruction_loss):
+        if self.variant == "paper":
+            return {}  # the paper's objective is the step itself (training_pair)
         z = _spatial_latents(output, "eq_vae")
         if random.random() >= self.probability:
             return {}

@@ -25,7 +25,9 @@ For CLIP this is the 768/1024-wide token before CLIP's projection head (the
 representation FQGAN's heads regress; the head's width equals it). A spec with
 ``final_norm: false`` takes the last block's output before that LayerNorm instead:
 FQGAN's CLIP target (Hugging Face ``hidden_states[-1]``, where ``post_layernorm`` has
-not run); its DINOv2 target is ``last_hidden_state``, after the norm.
+not run); its DINOv2 target is ``last_hidden_state``, after the norm. A spec's
+``input_mode`` picks the preprocessing (``FrozenTeacher.preprocess``; FQGAN's reference
+resizes with ``nearest``).
 
 Teachers are cached by spec: every loss of a run that names the same teacher shares
 one model. Tokenizers hold them through ``TeacherHandle`` so they are not
@@ -113,12 +115,29 @@ class FrozenTeacher(nn.Module):
         s = self.image_size // self.patch_size
         return (s, s)
 
-    def preprocess(self, images: Tensor) -> Tensor:
-        """[-1, 1] images -> the teacher's normalised input at ``image_size``."""
+    def preprocess(self, images: Tensor, input_mode: str = "normalized") -> Tensor:
+        """[-1, 1] images -> the teacher's input at ``image_size``.
+
+        ``normalized``: [0, 1], bicubic with antialias, clamp, the teacher's mean/std.
+        ``normalized_nearest``: FQGAN's reference (its ``ScalingLayer``): [0, 1], nearest
+        resize (``F.interpolate``'s default), the teacher's mean/std.
+        ``raw_bilinear``: VA-VAE's reference (LightningDiT ``foundation_models.py``): the
+        [-1, 1] images as they are, plain bilinear resize, no mean/std."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"Teacher '{self.name}' expects images (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}.")
+        if input_mode == "raw_bilinear":
+            x = images.float()
+            if x.shape[-2:] != (self.image_size, self.image_size):
+                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            return x
+        if input_mode not in ("normalized", "normalized_nearest"):
+            raise ValueError(f"Teacher input_mode must be 'normalized', 'normalized_nearest' or 'raw_bilinear', "
+                             f"got {input_mode!r}.")
         x = (images.float() + 1.0) / 2.0
-        if x.shape[-2:] != (self.image_size, self.image_size):
+        if input_mode == "normalized_nearest":
+            if x.shape[-2:] != (self.image_size, self.image_size):
+                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="nearest")
+        elif x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True)
             x = x.clamp(0.0, 1.0)
         return (x - self.mean) / self.std
@@ -133,8 +152,8 @@ class FrozenTeacher(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
     @torch.no_grad()
-    def forward(self, images: Tensor, final_norm: bool = True) -> TeacherFeatures:
-        tokens = self.tokens(self.preprocess(images), final_norm)
+    def forward(self, images: Tensor, final_norm: bool = True, input_mode: str = "normalized") -> TeacherFeatures:
+        tokens = self.tokens(self.preprocess(images, input_mode), final_norm)
         h, w = self.grid
         patches = tokens[:, self.num_prefix_tokens :]
         if patches.shape[1] != h * w:  # pragma: no cover - guards a misconfigured architecture
@@ -343,11 +362,14 @@ class TeacherHandle:
             self._teacher.to(device)
         return self
 
-    def __call__(self, images: Tensor) -> TeacherFeatures:
+    def __call__(self, images: Tensor, **options) -> TeacherFeatures:
         teacher = self.teacher
         if teacher.mean.device != images.device:
             teacher.to(images.device)
-        return teacher(images, final_norm=_as_bool(self.spec.get("final_norm", True)))
+        options.setdefault("final_norm", _as_bool(self.spec.get("final_norm", True)))
+        if self.spec.get("input_mode"):
+            options.setdefault("input_mode", str(self.spec["input_mode"]))
+        return teacher(images, **options)
 
     def __deepcopy__(self, memo) -> "TeacherHandle":
         return self  # frozen and shared: an EMA copy uses the same teacher

@@ -17,7 +17,12 @@ learned output log-variance stays 0 (it is not in the optimizer), so its objecti
 
 - adaptive terms (GAN generator term, VF loss) are unaffected: their weight is a ratio of
   gradient norms, so scaling the reconstruction rescales the weight and the product is
-  the same (only the clamp at ``max_weight`` sees the scale);
+  the same, except at the clamp: the reference clamps the GAN ratio at 1e4 and the VF
+  ratio at 1e8 on its summed loss, i.e. at 1e4 / (3HW) ~= 0.051 and 1e8 / (3HW) ~= 509
+  in this project's units at 256 px. At 256 px the GAN clamp binds for most of training,
+  so the reference's effective GAN weight is ``0.5 * 0.051``; ``max_adaptive_weight_reduction:
+  sum`` (conf/gan, conf/tokenizer/vavae.yaml, the vae/vavae experiments) applies the
+  published clamps with this conversion, from each step's image size;
 - the KL term, with a constant weight, is ``3HW`` times stronger relative to the
   reconstruction than in the reference at the same ``kl_weight``. The reference's balance
   is ``kl_weight = 1e-6 / (3 * 256 * 256) ~= 5.1e-12`` here at 256 px. The config keeps
@@ -33,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput
+from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput, check_reduction
 from tokenizers.conv import Decoder, Encoder
 
 
@@ -125,11 +130,16 @@ class AutoencoderKL(Tokenizer):
         return {"kl": self.kl_weight * kl}, logs
 
     # -- the contract -------------------------------------------------------------------
-    def forward(self, images: Tensor) -> TokenizerOutput:
+    def forward(self, images: Tensor, latent_transform=None) -> TokenizerOutput:
         posterior = self.posterior(images)
         z = self._training_latent(posterior)
         losses, logs = self._kl_terms(posterior)
+        if latent_transform is not None:
+            z = latent_transform(z)
         return TokenizerOutput(self.decode_latents(z), losses, logs, latents=z)
+
+    def forward_transformed(self, images: Tensor, latent_transform) -> TokenizerOutput:
+        return self(images, latent_transform=latent_transform)
 
     def encode(self, images: Tensor) -> Tensor:
         return self.encode_latents(images)
@@ -187,8 +197,8 @@ class _HeldTeacher:
         self.teacher = teacher
         self.embed_dim = int(teacher.embed_dim)
 
-    def __call__(self, images: Tensor):
-        return self.teacher(images)
+    def __call__(self, images: Tensor, **options):
+        return self.teacher(images, **options)
 
     def __deepcopy__(self, memo) -> "_HeldTeacher":
         return self
@@ -238,6 +248,13 @@ class VAVAE(AutoencoderKL):
         vf_weight: w_hyper (0.5 in stage 1 of the released schedule, 0.1 after).
         cos_margin, distmat_margin: m1 (0.5) and m2 (0.25); 0 disables the margin.
         cos_weight, distmat_weight: weights of the two terms inside L_vf (1 and 1).
+        max_adaptive_weight, max_adaptive_weight_reduction: the clamp of the adaptive VF
+            weight; with reduction ``sum`` it is read as published for a pixel-summed loss
+            (the reference's 1e8) and converted (``AdaptiveTerm.max_weight_for``).
+        teacher_input: how images reach the teacher: ``raw_bilinear`` as the reference (the
+            [-1, 1] images bilinearly resized to the teacher's 224 px, no ImageNet
+            mean/std: what the released model was trained with) or ``normalized`` (the
+            teachers' usual input, ``tokenizers.teachers``).
     """
 
     def __init__(
@@ -253,6 +270,8 @@ class VAVAE(AutoencoderKL):
         cos_weight: float = 1.0,
         distmat_weight: float = 1.0,
         max_adaptive_weight: float = 1e4,
+        max_adaptive_weight_reduction: str = "mean",
+        teacher_input: str = "raw_bilinear",
         **kwargs,
     ):
         super().__init__(encoder, decoder, embed_dim=embed_dim, kl_weight=kl_weight, **kwargs)
@@ -268,6 +287,11 @@ class VAVAE(AutoencoderKL):
         self.cos_weight = cos_weight
         self.distmat_weight = distmat_weight
         self.max_adaptive_weight = max_adaptive_weight
+        self.max_adaptive_weight_reduction = check_reduction(max_adaptive_weight_reduction,
+                                                             "tokenizer.max_adaptive_weight_reduction")
+        if teacher_input not in ("raw_bilinear", "normalized"):
+            raise ValueError(f"VAVAE.teacher_input must be 'raw_bilinear' or 'normalized', got {teacher_input!r}.")
+        self.teacher_input = teacher_input
         self.vf_projection = nn.Conv2d(embed_dim, self.teacher_dim, 1, bias=False)
 
     @property
@@ -286,7 +310,7 @@ class VAVAE(AutoencoderKL):
     def teacher_features(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
         """Teacher patch features as a (B, D, h, w) map resized to ``grid``."""
         with torch.no_grad():
-            out = self.teacher(images)
+            out = self.teacher(images, input_mode=self.teacher_input)
             b, n, d = out.patches.shape
             h, w = out.grid
             if h * w != n:
@@ -306,15 +330,18 @@ class VAVAE(AutoencoderKL):
         loss = self.cos_weight * l_mcos + self.distmat_weight * l_mdms
         return loss, {"vf_mcos": l_mcos.detach(), "vf_mdms": l_mdms.detach()}
 
-    def forward(self, images: Tensor) -> TokenizerOutput:
+    def forward(self, images: Tensor, latent_transform=None) -> TokenizerOutput:
         posterior = self.posterior(images)
         z = self._training_latent(posterior)
         losses, logs = self._kl_terms(posterior)
-        vf, vf_logs = self.vf_loss(z, images)
+        vf, vf_logs = self.vf_loss(z, images)  # the untransformed latent against the image's features
         logs.update(vf_logs)
+        if latent_transform is not None:
+            z = latent_transform(z)
         adaptive = {
             "vf": AdaptiveTerm(
-                loss=vf, param=self.encoder_last_layer(), weight=self.vf_weight, max_weight=self.max_adaptive_weight
+                loss=vf, param=self.encoder_last_layer(), weight=self.vf_weight, max_weight=self.max_adaptive_weight,
+                max_weight_reduction=self.max_adaptive_weight_reduction,
             )
         }
         return TokenizerOutput(self.decode_latents(z), losses, logs, latents=z, adaptive=adaptive)

@@ -7,13 +7,23 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
+from PIL import Image
+from torchvision.utils import make_grid
 
 log = logging.getLogger(__name__)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def grid_to_pil(grid: torch.Tensor) -> Image.Image:
+    """A (3, H, W) grid in [0, 1] -> 8-bit RGB, rounded as torchvision's ``save_image``.
+
+    The same image object is written to disk and handed to the loggers: wandb 0.31 casts
+    float tensors straight to uint8 (no scaling), which turned every [0, 1] grid black."""
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+    return Image.fromarray(pixels)
 
 
 class ReconstructionGrid(pl.Callback):
@@ -55,10 +65,11 @@ class ReconstructionGrid(pl.Callback):
         pl_module.train(was_training)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"{tag}_step{trainer.global_step:07d}.png"
-        save_image(grid, path)
+        image = grid_to_pil(grid)
+        image.save(path)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key=f"images/{tag}", images=[grid], step=trainer.global_step,
+                logger.log_image(key=f"images/{tag}", images=[image], step=trainer.global_step,
                                  caption=["rows: " + ", ".join(self._row_labels) + " (EMA weights)"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

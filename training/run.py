@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from common.loggers import finish_loggers
 from training.checkpoints import (
     LAST,
     AtomicCheckpointIO,
@@ -20,6 +21,8 @@ from training.checkpoints import (
     resolve_init_from,
     resolve_resume,
 )
+from training.preflight import ConfigError, user_error
+from training.run_lock import run_directory_lock
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,12 @@ def configure_cpu_threads(cfg: DictConfig) -> int | None:
 
 
 def train(cfg: DictConfig) -> dict:
+    # before anything reads or writes the run directory: a second run on it refuses here
+    with run_directory_lock(cfg.paths.output_dir):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict:
     if cfg.get("task") == "generator":  # the latent generator for gFID (experiment=generator)
         from training.generator_module import fit_generator
 
@@ -100,26 +109,36 @@ def train(cfg: DictConfig) -> dict:
     if threads:
         log.info("CPU run: %d intra-op thread(s) per process (cpu_threads=%s).", threads, cfg.get("cpu_threads", "auto"))
     pl.seed_everything(cfg.seed, workers=True)
-    # Build the model first: a missing teacher / VAE checkpoint must stop the run before
-    # any data is written or read.
-    module = build_module(cfg)
-    datamodule = instantiate(cfg.data)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
-    plugins = list(_instantiate_all(cfg.get("plugins"))) + [AtomicCheckpointIO()]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
-
-    ckpt_path = resolve_resume(cfg.get("ckpt_path"), run_dir, cfg.get("resume", "auto"))
-    if ckpt_path is None and cfg.get("init_from"):
-        load_weights_into(module, resolve_init_from(cfg.init_from))
+    try:  # a missing file found while building stops the run as one message (train.py)
+        ckpt_path = resolve_resume(cfg.get("ckpt_path"), run_dir, cfg.get("resume", "auto"))
+        # Build the model first: a missing teacher / VAE checkpoint must stop the run before
+        # any data is written or read.
+        module = build_module(cfg)
+        datamodule = instantiate(cfg.data)
+        callbacks = _instantiate_all(cfg.get("callbacks"))
+        loggers = _instantiate_all(cfg.get("logger"))
+        plugins = list(_instantiate_all(cfg.get("plugins"))) + [AtomicCheckpointIO()]
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+        if ckpt_path is None and cfg.get("init_from"):
+            load_weights_into(module, resolve_init_from(cfg.init_from))
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        raise ConfigError(str(error)) from exc
     for logger in loggers:
         if hasattr(logger, "log_hyperparams"):
             logger.log_hyperparams(module.run_config)
 
     start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    final = checkpoint_dir(run_dir) / LAST
-    trainer.save_checkpoint(final)  # always leave the end state, whatever the interval
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        final = checkpoint_dir(run_dir) / LAST
+        trainer.save_checkpoint(final)  # always leave the end state, whatever the interval
+    except BaseException:
+        finish_loggers(loggers, failed=True)
+        raise
+    finish_loggers(loggers)
     elapsed = time.time() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     if trainer.is_global_zero:

@@ -146,3 +146,25 @@ def load_exact(model: nn.Module, state: Mapping[str, Tensor], source: str,
 def ready(model: nn.Module) -> nn.Module:
     """What ``load_pretrained`` returns: fp32, eval mode, no gradients needed."""
     return model.float().eval()
+
+
+#: the project's tokenizer configs (``conf/tokenizer``): a release is built from the very config
+#: a training run uses, so a parity test of the release also checks that config
+CONF_TOKENIZER = Path(__file__).resolve().parents[2] / "conf" / "tokenizer"
+
+
+def tokenizer_config(config: str, updates: Mapping[str, Any] | None = None):
+    """``conf/tokenizer/<config>.yaml`` with ``updates`` merged in (an OmegaConf node)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF_TOKENIZER / f"{config}.yaml")
+    return OmegaConf.merge(cfg, OmegaConf.create(dict(updates or {})))
+
+
+def tokenizer_from_config(config: str, updates: Mapping[str, Any] | None = None):
+    """Instantiate ``conf/tokenizer/<config>.yaml`` (a name) or an already loaded config node,
+    with ``updates`` merged in."""
+    from hydra.utils import instantiate
+
+    cfg = tokenizer_config(config, updates) if isinstance(config, str) else config
+    return instantiate(cfg)
