@@ -95,4 +95,5 @@ def test_train_py_killed_mid_run_resumes_at_the_saved_step_with_the_saved_config
     assert steps[: len(logged_before)] == logged_before  # the killed run's rows are kept
     resumed = steps[len(logged_before):]
     assert resumed[0] == saved["global_step"] and resumed[-1] == 15  # continued at the saved step
-    assert set(range(saved["global_step"] - 1)) <= set(logged_before)  # flushed with each checkpoint
+    # rows are written at every logging step (smoke: 1); the saved step's own row may follow the save
+    assert set(range(saved["global_step"] - 1)) <= set(logged_before)
