@@ -64,3 +64,14 @@ def test_activation_checkpointing_recomputes_blocks_with_equal_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     ema_copy = copy.deepcopy(checkpointed)  # the EMA copy runs its own blocks, not the original's
     assert ema_copy[0].forward.block is ema_copy[0]
+
+
+def test_bf16_on_a_cpu_without_bf16_units_is_flagged(monkeypatch, caplog):
+    import training.acceleration as acceleration
+
+    monkeypatch.setattr(acceleration, "cpu_has_bf16_units", lambda: False)
+    assert acceleration.warn_if_bf16_is_emulated("bf16-mixed", "cpu")
+    assert "trainer.precision=32-true" in caplog.text
+    assert not acceleration.warn_if_bf16_is_emulated("32-true", "cpu")
+    monkeypatch.setattr(acceleration, "cpu_has_bf16_units", lambda: True)
+    assert not acceleration.warn_if_bf16_is_emulated("bf16-mixed", "cpu")

@@ -102,3 +102,22 @@ def accelerate(model: nn.Module, channels_last: bool = False, activation_checkpo
     if compile:
         applied["compiled_blocks"] = compile_blocks(model)
     return applied
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX, as oneDNN reports it)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
+def warn_if_bf16_is_emulated(precision: str, accelerator: str) -> bool:
+    """Log a warning when bf16-mixed will run on a CPU without bf16 units; returns True then."""
+    if "bf16" not in str(precision) or accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
+        return False
+    if cpu_has_bf16_units():
+        return False
+    log.warning("trainer.precision=%s on a CPU without bf16 units: bf16 is emulated and slower than fp32 here. "
+                "Fix: trainer.precision=32-true.", precision)
+    return True

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from common.loggers import finish_loggers
+from training.acceleration import warn_if_bf16_is_emulated
 from training.checkpoints import (
     LAST,
     AtomicCheckpointIO,
@@ -106,6 +107,7 @@ def _train(cfg: DictConfig) -> dict:
         return fit_generator(cfg)
     run_dir = Path(cfg.paths.output_dir)
     threads = configure_cpu_threads(cfg)
+    warn_if_bf16_is_emulated(cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator", "auto")))
     if threads:
         log.info("CPU run: %d intra-op thread(s) per process (cpu_threads=%s).", threads, cfg.get("cpu_threads", "auto"))
     pl.seed_everything(cfg.seed, workers=True)
