@@ -74,6 +74,9 @@ def build(quick: bool, ref: str | None, threads: int, device: str, data_dir: str
                         cs.append(Comparison("tokenizer_step", name, ours.key, peer.key,
                                              time_target=(1.15 if precision == "fp32" else 1.5) if full_size else None,
                                              memory_target=0.8 if full_size else None))
+                        if precision == "bf16-mixed":  # the peer as its code runs on a CPU: fp32
+                            cs.append(Comparison("tokenizer_step", f"{name} vs {PEERS[family]} fp32",
+                                                 ours.key, peer.key.replace("bf16-mixed", "fp32")))
 
     # -- quantizers ---------------------------------------------------------------------------
     if want("quantizer"):
