@@ -1,0 +1,71 @@
+"""Evaluation output: a fresh folder, portable paths, smoke plots that say so on themselves."""
+import json
+import os
+
+import matplotlib.figure
+import pytest
+from hydra import compose, initialize_config_dir
+
+from evaluation import plots, report
+from evaluation.main import evaluate, smoke_note
+from helpers import ROOT
+
+RESULT = {"run": "tiny", "rows": [{"bits_per_image": 16, "psnr": 10.0, "rfid": 1.0, "num_tokens": 4}],
+          "facts": {"discrete": True, "family": "VQGAN", "codebook_sizes": [4], "token_shape": [2, 2]},
+          "conventions": {"LPIPS": "vgg16"}}
+
+
+def _evaluate_cfg(overrides):
+    with initialize_config_dir(str(ROOT / "conf" / "evaluate"), version_base="1.3"):
+        return compose("evaluate", overrides=overrides)
+
+
+def _texts_on_saved_figures(monkeypatch):
+    seen = []
+    original = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        seen.append(" ".join(t.get_text() for t in fig.texts))
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    return seen
+
+
+def test_plots_made_with_random_feature_networks_say_so_on_the_plot(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    note = smoke_note(_evaluate_cfg(["debug=smoke"]), [RESULT])
+    assert note and "random feature networks" in note
+    assert smoke_note(_evaluate_cfg([]), [RESULT]) is None
+    seen = _texts_on_saved_figures(monkeypatch)
+    plots.rate_distortion([RESULT], tmp_path / "with.png", note)
+    plots.rate_distortion([RESULT], tmp_path / "without.png", None)
+    assert note in seen[0] and note not in seen[1]
+
+
+def test_report_shows_checkpoints_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = {**RESULT, "checkpoint": str(tmp_path / "logs" / "a" / "checkpoints" / "last.ckpt"),
+              "source": {"kind": "trained", "file": str(tmp_path / "logs" / "a" / "checkpoints" / "last.ckpt")}}
+    report.write_json(result, tmp_path / "a.json")
+    monkeypatch.setattr(report, "markdown_table", lambda results: "")  # the table is not about paths
+    report.write_markdown([result], tmp_path / "report.md", {}, [])
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["checkpoint"] == saved["source"]["file"] == os.path.join("logs", "a", "checkpoints", "last.ckpt")
+    assert str(tmp_path) not in (tmp_path / "report.md").read_text()
+
+
+def test_evaluate_refuses_an_out_folder_that_holds_a_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "report.md").write_text("kept")
+    cfg = _evaluate_cfg(["checkpoints=[/nonexistent]", f"out={tmp_path}", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        evaluate(cfg)
+    assert (tmp_path / "report.md").read_text() == "kept"
+
+
+def test_committed_sample_report_holds_no_absolute_paths():
+    for path in (ROOT / "docs" / "sample_report").glob("*"):
+        if path.suffix in (".md", ".json", ".csv"):
+            text = path.read_text()
+            assert not any(marker in text for marker in ("/work/", "/tmp/", "/home/", "/root/")), path.name
