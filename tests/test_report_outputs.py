@@ -69,3 +69,35 @@ def test_committed_sample_report_holds_no_absolute_paths():
         if path.suffix in (".md", ".json", ".csv"):
             text = path.read_text()
             assert not any(marker in text for marker in ("/work/", "/tmp/", "/home/", "/root/")), path.name
+
+
+def test_evaluation_shows_progress_over_checkpoints_and_their_batches(tmp_path, monkeypatch):
+    import evaluation.main as main
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(ROOT)
+    bars = []
+    real_progress = main.progress
+
+    def recording(iterable, desc, **kwargs):
+        bar = real_progress(iterable, desc, **kwargs)
+        bars.append((desc, bar.total))
+        return bar
+
+    class Stop(Exception):
+        pass
+
+    def first_batches_then_stop(tokenizer, batches, **kwargs):
+        next(iter(batches))
+        raise Stop
+
+    monkeypatch.setattr(main, "progress", recording)
+    monkeypatch.setattr(main, "resolve_checkpoint", lambda p: p)
+    monkeypatch.setattr(main, "load_tokenizer", lambda p, ema: (object(), OmegaConf.create({"run_name": p})))
+    monkeypatch.setattr(main, "first_images", lambda batches, n: None)
+    monkeypatch.setattr(main, "evaluate_tokenizer", first_batches_then_stop)
+    cfg = _evaluate_cfg(["checkpoints=[a,b]", "data=synthetic", "data.num_val=12", "data.batch_size=4",
+                         f"out={tmp_path}", f"paths.output_dir={tmp_path}", "debug=smoke", "limit_batches=null"])
+    with pytest.raises(Stop):
+        evaluate(cfg)
+    assert bars == [("checkpoints", 2), ("a", 3)]  # 12 validation images in batches of 4

@@ -49,7 +49,8 @@ class RunProgressBar(TQDMProgressBar):
         step = trainer.global_step
         if bar is None or not self.is_enabled:
             return
-        if step % self.refresh_rate == 0 or step == bar.total:
+        every = min(self.refresh_rate, max(1, (bar.total or 0) // 50))  # short runs: every step
+        if step % every == 0 or step == bar.total:
             bar.update(step - bar.n)  # update() (not n=) feeds tqdm's smoothed rate
             bar.set_postfix(self.get_metrics(trainer, pl_module))
 
