@@ -101,3 +101,15 @@ def test_evaluation_shows_progress_over_checkpoints_and_their_batches(tmp_path, 
     with pytest.raises(Stop):
         evaluate(cfg)
     assert bars == [("checkpoints", 2), ("a", 3)]  # 12 validation images in batches of 4
+
+
+def test_readme_evaluation_commands_write_to_untracked_folders():
+    import re
+    import subprocess
+
+    readme = (ROOT / "README.md").read_text()
+    outs = re.findall(r"python evaluate\.py[^`]*?\bout=(\S+)", readme, flags=re.S)
+    assert outs
+    for out in outs:
+        tracked = subprocess.run(["git", "ls-files", out], cwd=ROOT, capture_output=True, text=True).stdout
+        assert not tracked and not out.startswith("docs"), f"README evaluates into tracked files: out={out}"
