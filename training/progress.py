@@ -117,7 +117,9 @@ class RunSummary(pl.Callback):
         lines.append("Data: " + self._describe_data(trainer, config))
         threads = torch.get_num_threads()
         device = trainer.strategy.root_device
-        every = f", validation every {trainer.val_check_interval} steps" if trainer.val_check_batch else ""
+        interval, limit = trainer.val_check_interval, trainer.limit_val_batches
+        every = (f", validation every {interval} steps" if isinstance(interval, int) and limit
+                 else f", validation every {interval:g} of an epoch" if limit else ", no validation")
         lines.append(f"Steps: {trainer.max_steps}{every}; device: {trainer.world_size} x {device.type}"
                      + (f" ({threads} intra-op thread(s) per process)" if device.type == "cpu" else ""))
         lines.append(f"Run directory: {trainer.default_root_dir}")
