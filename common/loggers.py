@@ -1,13 +1,18 @@
 """Experiment loggers. W&B decides online/offline by itself; the run id is kept in the
-run directory so a resumed or requeued run continues the same W&B run."""
+run directory so a resumed or requeued run continues the same W&B run. The CSV logger
+appends to the run's ``metrics.csv`` on resume instead of starting it over."""
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
 import secrets
 from pathlib import Path
 
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -73,3 +78,33 @@ def finish_loggers(loggers, failed: bool = False) -> None:
         run = getattr(logger, "_experiment", None)  # None: never started (or not W&B)
         if run is not None and hasattr(run, "finish") and rank_zero_only.rank == 0:
             run.finish(exit_code=1 if failed else 0)
+
+
+class AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued (its
+    columns kept, new ones added by rewriting the header) instead of deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = list(next(csv.reader(handle), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``metrics.csv`` survives a resume: a resumed or requeued run
+    appends its rows, so the file holds the whole history (steps logged after the last
+    checkpoint by a killed run appear again when the resumed run repeats them). Buffered
+    rows are written with every checkpoint."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        # rows are buffered (flush_logs_every_n_steps); flushing with every checkpoint means a
+        # killed run's file always reaches at least the step its resume starts from
+        self.save()

@@ -37,6 +37,10 @@ PADDING_LABEL = -1
 VAL_REMAINDER_POLICIES = ("drop", "pad")
 
 
+class DataUnreadableError(RuntimeError):
+    """Too many samples or shards in a row could not be read: the data, not a few files, is broken."""
+
+
 class SkipCounter:
     """Counts samples skipped because they could not be read or decoded.
 
@@ -44,15 +48,25 @@ class SkipCounter:
     (a ``multiprocessing.Value`` inherited by the workers); ``total`` read in the main
     process is the sum over all workers of this rank. The first ``warn_first`` skips
     are logged with their key, later ones are only counted.
+
+    ``max_consecutive`` failures in a row in one process (worker), with no readable sample
+    in between, raise ``DataUnreadableError``: a resampled training stream whose shards
+    are all unreadable would otherwise retry forever and the run would hang silently.
+    A good sample (``success``) resets the streak.
     """
 
-    def __init__(self, warn_first: int = 5):
+    def __init__(self, warn_first: int = 5, max_consecutive: int = 1000):
         self._count = multiprocessing.Value("q", 0)
         self.warn_first = warn_first
+        self.max_consecutive = max_consecutive
+        self._streak = 0  # per process: every worker holds its own copy
 
     @property
     def total(self) -> int:
         return int(self._count.value)
+
+    def success(self) -> None:
+        self._streak = 0
 
     def record(self, key: str | None, reason: BaseException | str) -> None:
         with self._count.get_lock():
@@ -62,9 +76,19 @@ class SkipCounter:
             log.warning("Skipped unreadable sample %s: %s", key or "<unknown key>", _short(reason))
         if count == self.warn_first:
             log.warning("Further unreadable samples are skipped and counted without a message each.")
+        self._streak += 1
+        if self.max_consecutive and self._streak >= self.max_consecutive:
+            raise DataUnreadableError(
+                f"{self._streak} samples or shards in a row could not be read, none in between (last: "
+                f"{key or 'a shard'}: {_short(reason)}). The data looks unreadable, not just a few files. "
+                "Fix: check data.root and the shard patterns, and that the shards are complete tar files with "
+                "images (python -m data.shards SRC OUT --verify rewrites them); data.max_consecutive_failures "
+                "sets this limit."
+            ) from (reason if isinstance(reason, BaseException) else None)
 
     def handler(self, exn: BaseException) -> bool:
-        """webdataset exception handler: count, warn, continue (never re-raise)."""
+        """webdataset exception handler: count, warn, continue (never re-raise), up to
+        ``max_consecutive`` failures in a row."""
         self.record(None, exn)
         return True
 

@@ -57,12 +57,15 @@ class ImageFileDataset(Dataset):
         for _ in range(self.MAX_CONSECUTIVE_FAILURES):
             path, label = self.samples[index]
             try:
-                return self.transform(decode_image(Path(path).read_bytes())), label
+                image = self.transform(decode_image(Path(path).read_bytes()))
             except Exception as exn:
                 self.skips.record(str(path), exn)
                 if self.on_error == "pad":
                     return padding_sample(self.resolution)
                 index = (index + 1) % len(self.samples)
+                continue
+            self.skips.success()
+            return image, label
         raise RuntimeError(
             f"{self.MAX_CONSECUTIVE_FAILURES} consecutive images up to {path} could not be read; "
             "the folder looks broken. Check the files (e.g. `python -m data.shards --verify`)."

@@ -13,6 +13,7 @@ differently in every worker.
 from __future__ import annotations
 
 import io
+import math
 import random
 
 import numpy as np
@@ -32,7 +33,26 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
+MAX_ASPECT = 8.0
+"""Longest side / shortest side kept before resizing; a longer side is centre-cropped first.
+Without it a 1 x 20000 px strip upscaled to a 256 px short side would be a 256 x 5.1M image
+(about 4 GB) for one sample. Photographs (ImageNet: at most about 1:5) are never cropped."""
+
+
+def limit_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    width, height = image.size
+    longest = max(1, math.floor(min(width, height) * max_aspect))
+    if max(width, height) <= longest:
+        return image
+    if width > height:
+        left = (width - longest) // 2
+        return image.crop((left, 0, left + longest, height))
+    top = (height - longest) // 2
+    return image.crop((0, top, width, top + longest))
+
+
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    image = limit_aspect(image)
     width, height = image.size
     scale = size / min(width, height)
     # The short side is set exactly to `size`; rounding only touches the long side.

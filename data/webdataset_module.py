@@ -103,6 +103,7 @@ class DecodeSamples:
             except Exception as exn:
                 self.skips.record(key, exn)
                 continue
+            self.skips.success()
             yield image, label
 
 
@@ -212,6 +213,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
         max_upscale: training short side is drawn from [R, max_upscale * R].
         val_remainder: "drop" or "pad" (see ``data.common``).
         rank, world_size: override the rank of this process (tests, custom launchers).
+        max_consecutive_failures: unreadable shards / samples in a row (per worker) after
+            which reading stops with an error instead of retrying forever.
     """
 
     def __init__(
@@ -232,6 +235,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        max_consecutive_failures: int = 1000,
     ):
         super().__init__()
         self.root = os.path.expanduser(str(root))
@@ -249,7 +253,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self.val_remainder = val_remainder
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._rank, self._world_size = rank, world_size
-        self.skips = SkipCounter()
+        self.skips = SkipCounter(max_consecutive=max_consecutive_failures)
         self.val_split: RankSplit | None = None
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None

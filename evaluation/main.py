@@ -38,6 +38,14 @@ def launch(cfg: DictConfig):
     return fabric
 
 
+class CheckpointsNotEvaluated(RuntimeError):
+    """Some checkpoints could not be read; the report of the others was written (``results``)."""
+
+    def __init__(self, message: str, results: list[dict] | None = None):
+        super().__init__(message)
+        self.results = results or []
+
+
 def resolve_checkpoint(path: str) -> str:
     """A .ckpt file, a run directory (its checkpoints/last.ckpt) or a released checkpoint
     (``pretrained:<name>:<path>``, ``tokenizers.loading``)."""
@@ -118,7 +126,14 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     datamodule = instantiate(cfg.data)
     limit = cfg.get("limit_batches")
 
-    checkpoints = [resolve_checkpoint(p) for p in (cfg.checkpoints or [])]
+    # A missing or unreadable checkpoint among good ones must not cost the others' report:
+    # it is named in the report and in the error raised after the report is written.
+    checkpoints, failed = [], {}
+    for path in cfg.checkpoints or []:
+        try:
+            checkpoints.append(resolve_checkpoint(path))
+        except FileNotFoundError as error:
+            failed[str(path)] = str(error).split("\n")[0]
     generators = list(cfg.get("generators") or [])
     gen_tokenizers = []
     if generators:
@@ -130,7 +145,12 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     grid_inputs = first_images(validation_batches(datamodule, limit), int(cfg.grid_images)) if is_main() else None
     results, grid_rows, names, samples = [], [], set(), []
     for checkpoint in progress(checkpoints, "checkpoints", unit="ckpt"):
-        tokenizer, saved_cfg = load_tokenizer(checkpoint, ema=bool(cfg.ema))
+        try:
+            tokenizer, saved_cfg = load_tokenizer(checkpoint, ema=bool(cfg.ema))
+        except Exception as error:  # truncated, not a checkpoint, weights not matching its config
+            failed[checkpoint] = f"cannot be loaded ({type(error).__name__}: {str(error).splitlines()[0][:300]})"
+            log.error("Skipping %s: %s", checkpoint, failed[checkpoint])
+            continue
         name = run_name(saved_cfg, checkpoint, names)
         log.info("Evaluating %s (%s) on %s", name, type(tokenizer).__name__, device)
         batches = validation_batches(datamodule, limit)
@@ -168,14 +188,22 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                 samples.append((f"{target['run']}\n{gen['family']}" + (f"\n{label}" if label else ""), images))
             target["generation"] = gen
 
+    problems = "\n".join(f"  {path}: {reason}" for path, reason in failed.items())
+    if failed and not results:
+        raise CheckpointsNotEvaluated(f"No checkpoint could be evaluated:\n{problems}\nFix: check the paths "
+                                      "(a .ckpt file or a run directory with checkpoints/last.ckpt).")
     if is_main():
-        write_outputs(results, out, grid_inputs, grid_rows, cfg, samples)
+        write_outputs(results, out, grid_inputs, grid_rows, cfg, samples, failed)
     barrier()
+    if failed:
+        raise CheckpointsNotEvaluated(
+            f"{len(failed)} checkpoint(s) could not be evaluated (the report of the others is in {out / 'report.md'}):\n{problems}",
+            results)
     return results
 
 
 def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: DictConfig,
-                  samples: list | None = None) -> dict[str, str]:
+                  samples: list | None = None, failed: dict[str, str] | None = None) -> dict[str, str]:
     for r in results:
         report.write_json(r, out / f"{r['run']}.json")
     report.write_csv(results, out / "report.csv")
@@ -199,6 +227,8 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
         if r.get("trained_resolution") is not None and int(r["trained_resolution"]) != int(cfg.data.resolution):
             notes.append(f"`{r['run']}` was trained at {r['trained_resolution']} px and evaluated at "
                          f"{cfg.data.resolution} px.")
+    for path, reason in (failed or {}).items():
+        notes.append(f"**NOT EVALUATED** `{path}`: {reason}")
     if cfg.get("limit_batches"):
         notes.append(f"limit_batches={cfg.limit_batches} per rank: only part of the split was evaluated.")
     report.write_markdown(results, out / "report.md", files, notes)

@@ -351,3 +351,20 @@ def test_lazy_teacher_is_not_loaded_until_repa_needs_it():
     assert not model.teacher.loaded
     model(images())
     assert model.teacher.loaded
+
+
+def test_register_tokens_follow_the_reference_order_and_null_conditions():
+    """Position added to the embedded codes, then nested dropout (mask token, no position),
+    then the null condition (learned token or zeros, no position) over every register."""
+    for null_condition in ("learned", "zero"):
+        model = randomized(tiny_flextok(null_condition=null_condition, repa_weight=0.0, teacher=None))
+        dec = model.decoder
+        codes = torch.rand(2, 8, 6) * 2 - 1
+        keep, null = torch.tensor([3, 8]), torch.tensor([False, True])
+        tokens = dec.register_tokens(codes, keep, null)
+        embedded = dec.register_embed(codes[0]) + dec.register_pos
+        assert torch.allclose(tokens[0, :3], embedded[:3])
+        assert torch.equal(tokens[0, 3:], dec.mask_token.expand(5, -1))
+        expected_null = dec.null_token if null_condition == "learned" else torch.zeros(dec.width)
+        assert torch.equal(tokens[1], expected_null.expand(8, -1))
+    assert tiny_flextok(null_condition="zero", repa_weight=0.0, teacher=None).decoder.null_token is None

@@ -172,3 +172,15 @@ def test_decode_noise_comes_from_a_seeded_generator(released, expected):
     a = unseeded.decode(tokens, steps=2)
     torch.manual_seed(0)
     assert torch.equal(unseeded.decode(tokens, steps=2), a)
+
+
+def test_a_released_spec_with_the_vae_option_loads_where_checkpoints_are_accepted(expected, single_thread):
+    """``pretrained:<name>:<dir>?vae:<dir>`` (evaluate.py checkpoints=, init_from=, the generator's
+    tokenizer) reaches the same loader: same tokens, the source says released."""
+    from tokenizers.loading import load_tokenizer
+
+    tokenizer, cfg = load_tokenizer(f"pretrained:flextok_d12_d12:{FIXTURE / 'model'}?vae:{FIXTURE / 'vae'}"
+                                    "?image_size:64")
+    assert cfg.source.kind == "released"
+    assert tokenizer.image_size == 64
+    assert torch.equal(tokenizer.encode(expected["images"]), expected["tokens"])

@@ -78,7 +78,12 @@ def test_full_size_model_has_the_released_layout():
 
 
 def test_plain_autoencoder_option_ignores_the_vf_projection(reference):
-    vae = load_pretrained("vavae_f16d32", RELEASE, vf="false", **_arch(reference))
+    from tokenizers.loading import parse_released
+
+    a = _arch(reference)  # as a pretrained: spec string passes them: text
+    spec = parse_released(f"pretrained:vavae_f16d32:{RELEASE}?vf:false?width:{a['width']}?num_res_blocks:"
+                          f"{a['num_res_blocks']}?embed_dim:{a['embed_dim']}?mults:{','.join(map(str, a['mults']))}")
+    vae = load_pretrained(spec.name, spec.path, **spec.options)
     assert type(vae) is AutoencoderKL
     assert vae.ignored_keys == ["loss.logvar", "vf_projection.weight"]
 

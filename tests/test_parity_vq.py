@@ -12,6 +12,8 @@ weighted as LlamaGen weights it, FQGAN's CLIP target before CLIP's final LayerNo
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -62,6 +64,22 @@ def test_teacher_target_before_final_norm():
     assert (before.cls - after.cls).abs().max() > 0.1
 
 
+def test_teacher_input_resized_like_fqgan():
+    """FQGAN's ScalingLayer: [-1, 1] -> [0, 1], ``F.interpolate`` to 224 with its default
+    (nearest), then the teacher's mean/std; the handle takes the mode from its spec."""
+    import torch.nn.functional as F
+
+    from tokenizers.teachers import TeacherHandle
+
+    handle = TeacherHandle({"name": "parity_vq", "random": True, "input_mode": "normalized_nearest"})
+    teacher = handle.teacher
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    expected = (F.interpolate((images + 1) / 2, size=(teacher.image_size,) * 2) - teacher.mean) / teacher.std
+    torch.testing.assert_close(teacher.preprocess(images, "normalized_nearest"), expected)
+    torch.testing.assert_close(handle(images).cls, teacher.model.forward_features(expected)[:, 0])
+    assert (teacher.preprocess(images) - expected).abs().max() > 0.05  # the default (bicubic) differs
+
+
 @pytest.mark.parametrize("tokenizer, targets", [("fqgan_dual", {"clip": False}),
                                                 ("fqgan_triple", {"dino": True, "clip": False})])
 def test_fqgan_configs_take_teacher_targets_where_the_reference_does(tokenizer, targets):
@@ -70,6 +88,7 @@ def test_fqgan_configs_take_teacher_targets_where_the_reference_does(tokenizer, 
     cfg = _compose([f"tokenizer={tokenizer}", "scale=reference"]).tokenizer
     for name, final_norm in targets.items():
         assert cfg.branches[name].teacher.get("final_norm", True) is final_norm, name
+        assert cfg.branches[name].teacher.input_mode == "normalized_nearest", name
     assert cfg.head.num_heads == 8 and cfg.adapter.num_heads == 8
 
 
@@ -221,3 +240,29 @@ def test_wrong_release_file_lists_mismatched_keys():
         llamagen.load_state(model, reference_state(fixture), "vq_ds8_c2i.pt")
     assert "missing in the file" in str(error.value) and "shape mismatch" in str(error.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", LLAMAGEN + FQGAN)
+def test_full_size_configs_hold_the_released_layout(name):
+    """The project's full-size model from ``conf/tokenizer`` takes every tensor of the released
+    architecture (layout dumped from the reference code) with its shape, heads included;
+    built on the meta device, so no memory or time is spent on weights."""
+    import json
+
+    from tokenizers.pretrained import fqgan, llamagen
+    from tokenizers.pretrained.common import load_exact
+
+    layout = json.loads((FIXTURES / "llamagen_fqgan_layouts.json").read_text())[name]
+    state = {k: torch.empty(shape, device="meta") for k, shape in layout.items()}
+    with torch.device("meta"):
+        if name.startswith("fqgan"):
+            variant, ds = name.split("_")[1], int(name.rsplit("ds", 1)[1])
+            model = fqgan.build(variant, ds, heads=True)
+            converted = fqgan.convert(state, variant)
+        else:
+            model = llamagen.build(int(name.rsplit("vq", 1)[1]))
+            converted = llamagen.convert(state)
+    ignored = load_exact(model, converted, name, ignore=lambda k: k.endswith("codebook_used"))
+    assert len(ignored) == len(model.codebook_sizes)  # one usage buffer per codebook, nothing else
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == sum(math.prod(s) for k, s in layout.items() if not k.endswith("codebook_used"))

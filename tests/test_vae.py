@@ -260,7 +260,7 @@ def test_vavae_feeds_the_teacher_raw_images_bilinearly_resized_as_the_reference(
     teacher = build_random_teacher("vavae_input_test", image_size=112)
     encoder, decoder = tiny_parts()
     model = VAVAE(encoder, decoder, teacher=teacher, embed_dim=3)
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    x = torch.rand(2, 3, 160, 160) * 2 - 1  # shrunk to the teacher's size, as 256 -> 224
     grid = teacher.grid
     feats = model.teacher_features(x, grid)
     # LightningDiT foundation_models.py: interpolate(x, 224, bilinear), forward_features, [:, 1:]

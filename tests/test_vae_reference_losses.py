@@ -77,3 +77,59 @@ def test_summed_clamp_is_about_0_05_at_256_px():
 def test_unknown_clamp_reduction_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match="'mean'.*'sum'"):
         PatchGANHinge(NLayerDiscriminator(ndf=4, n_layers=1), max_adaptive_weight_reduction="pixels")
+
+
+def test_vavae_vf_term_carries_the_reference_clamp_on_a_summed_loss():
+    from tokenizers.vae import VAVAE
+    from tokenizers.teachers import build_random_teacher
+
+    vavae = VAVAE(Encoder(width=8, mults=(1, 2), num_res_blocks=1, z_channels=4, double_z=True),
+                  Decoder(width=8, mults=(1, 2), num_res_blocks=1, z_channels=4),
+                  teacher=build_random_teacher("vf_clamp_test"), embed_dim=4,
+                  max_adaptive_weight=1e8, max_adaptive_weight_reduction="sum")
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    term = vavae(images).adaptive["vf"]
+    assert term.max_weight_for(images) == pytest.approx(1e8 / (3 * 16 * 16))
+
+
+@pytest.mark.parametrize("experiment", ["vae_f16d32_in1k256", "vavae_stage1", "vavae_stage3"])
+def test_reference_experiments_use_the_reference_clamps(experiment):
+    from hydra import compose, initialize_config_dir
+
+    from helpers import ROOT
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", "init_from=/ckpt"])
+    assert (cfg.gan.max_adaptive_weight, cfg.gan.max_adaptive_weight_reduction) == (1e4, "sum")
+    if experiment.startswith("vavae"):
+        assert (cfg.tokenizer.max_adaptive_weight, cfg.tokenizer.max_adaptive_weight_reduction) == (1e8, "sum")
+        assert cfg.tokenizer.teacher_input == "raw_bilinear"
+
+
+def test_teacher_features_equal_the_references_dynamic_size_dinov2_on_raw_input(tmp_path):
+    """LightningDiT builds DINOv2 as published (518 px position embeddings) with
+    ``dynamic_img_size=True`` and feeds it ``interpolate(x, 224, bilinear)`` of the raw
+    [-1, 1] images; the project resamples the embeddings to 224 px when loading. Same features
+    (DINOv2-S/14 here: the same code path as ViT-L, cheaper)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from tokenizers import teachers
+
+    torch.manual_seed(0)
+    published = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)  # 518 px
+    with torch.no_grad():
+        published.pos_embed.normal_(0, 0.5)  # a position embedding that matters
+    save_file(published.state_dict(), str(tmp_path / "model.safetensors"))
+    reference = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                                  dynamic_img_size=True).eval()
+    reference.load_state_dict(published.state_dict())
+    teachers.clear_cache()
+    ours = teachers.get_teacher({"name": "dinov2_s", "weights": str(tmp_path / "model.safetensors"), "random": False})
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        expected = reference.forward_features(F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False))
+        got = ours(x, input_mode="raw_bilinear")
+    teachers.clear_cache()
+    assert got.grid == (16, 16)
+    torch.testing.assert_close(got.patches, expected[:, 1:], atol=1e-4, rtol=1e-4)

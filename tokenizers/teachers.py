@@ -25,7 +25,9 @@ For CLIP this is the 768/1024-wide token before CLIP's projection head (the
 representation FQGAN's heads regress; the head's width equals it). A spec with
 ``final_norm: false`` takes the last block's output before that LayerNorm instead:
 FQGAN's CLIP target (Hugging Face ``hidden_states[-1]``, where ``post_layernorm`` has
-not run); its DINOv2 target is ``last_hidden_state``, after the norm.
+not run); its DINOv2 target is ``last_hidden_state``, after the norm. A spec's
+``input_mode`` picks the preprocessing (``FrozenTeacher.preprocess``; FQGAN's reference
+resizes with ``nearest``).
 
 Teachers are cached by spec: every loss of a run that names the same teacher shares
 one model. Tokenizers hold them through ``TeacherHandle`` so they are not
@@ -117,6 +119,8 @@ class FrozenTeacher(nn.Module):
         """[-1, 1] images -> the teacher's input at ``image_size``.
 
         ``normalized``: [0, 1], bicubic with antialias, clamp, the teacher's mean/std.
+        ``normalized_nearest``: FQGAN's reference (its ``ScalingLayer``): [0, 1], nearest
+        resize (``F.interpolate``'s default), the teacher's mean/std.
         ``raw_bilinear``: VA-VAE's reference (LightningDiT ``foundation_models.py``): the
         [-1, 1] images as they are, plain bilinear resize, no mean/std."""
         if images.ndim != 4 or images.shape[1] != 3:
@@ -126,10 +130,14 @@ class FrozenTeacher(nn.Module):
             if x.shape[-2:] != (self.image_size, self.image_size):
                 x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
             return x
-        if input_mode != "normalized":
-            raise ValueError(f"Teacher input_mode must be 'normalized' or 'raw_bilinear', got {input_mode!r}.")
+        if input_mode not in ("normalized", "normalized_nearest"):
+            raise ValueError(f"Teacher input_mode must be 'normalized', 'normalized_nearest' or 'raw_bilinear', "
+                             f"got {input_mode!r}.")
         x = (images.float() + 1.0) / 2.0
-        if x.shape[-2:] != (self.image_size, self.image_size):
+        if input_mode == "normalized_nearest":
+            if x.shape[-2:] != (self.image_size, self.image_size):
+                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="nearest")
+        elif x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True)
             x = x.clamp(0.0, 1.0)
         return (x - self.mean) / self.std
@@ -359,6 +367,8 @@ class TeacherHandle:
         if teacher.mean.device != images.device:
             teacher.to(images.device)
         options.setdefault("final_norm", _as_bool(self.spec.get("final_norm", True)))
+        if self.spec.get("input_mode"):
+            options.setdefault("input_mode", str(self.spec["input_mode"]))
         return teacher(images, **options)
 
     def __deepcopy__(self, memo) -> "TeacherHandle":

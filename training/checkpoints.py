@@ -1,8 +1,10 @@
 """Checkpoint files of a training run: atomic writes, the one to resume, weights-only initialisation."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +15,59 @@ from common.checkpoints import LAST, checkpoint_dir, find_checkpoint, load_check
 
 log = logging.getLogger(__name__)
 
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota); the previous file is intact."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes to ``<path>.tmp`` then renames: a job killed mid-save (preemption, time
-    limit) leaves the previous checkpoint intact instead of a truncated file."""
+    """Writes to ``<path>.tmp``, flushes it to disk, then renames: a job killed mid-save
+    (``kill -9``, preemption, time limit, node crash) leaves the previous checkpoint intact
+    instead of a truncated file. A failed write (disk full) removes its temporary file and
+    says so, naming the intact previous checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}.")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())  # the rename must never expose data still in the page cache
+            os.replace(tmp, path)
+        except BaseException as error:
+            tmp.unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CheckpointWriteError(error.errno, _disk_full_message(path, error)) from error
+            raise
+        _fsync_directory(path.parent)
+
+
+def _disk_full_message(path: Path, error: OSError) -> str:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    previous = f"the previous {path.name} is intact" if path.is_file() else f"no earlier {path.name} existed"
+    return (f"Could not write checkpoint {path}: {error.strerror or error} ({free}). The partial file was removed; "
+            f"{previous}. Fix: free disk space (or point paths.log_dir at a larger disk) and run the same "
+            "command again: it resumes from the last checkpoint.")
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def resolve_resume(ckpt_path: str | None, run_dir: str | os.PathLike, resume: str = "auto") -> str | None:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from common.metrics import psnr_per_image, to_pixels
 from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput
 from training.ema import EMA
+from training.resume import apply_configured_settings, log_config_changes
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,20 @@ def adaptive_weight(nll: Tensor, loss: Tensor, param: Tensor, max_weight: float 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class _StepBuffers:
+    """The buffers of the trained modules at the start of a step, to put back when the step
+    is skipped (a NaN batch would otherwise leave NaN batch-norm statistics behind)."""
+
+    def __init__(self, tokenizer: nn.Module, gan: nn.Module | None):
+        self.parts = [list(tokenizer.buffers()), list(gan.buffers()) if gan is not None else []]
+        self.saved = [[b.clone() for b in part] for part in self.parts]
+
+    def restore(self, discriminator_only: bool = False) -> None:
+        for part, saved in list(zip(self.parts, self.saved))[1 if discriminator_only else 0:]:
+            if part:
+                torch._foreach_copy_(part, saved)
 
 
 class TokenizerModule(pl.LightningModule):
@@ -71,7 +86,7 @@ class TokenizerModule(pl.LightningModule):
         self.spectrum_bands = spectrum_bands
         self.run_config: dict | None = None  # set by the run builder; saved in checkpoints
         self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.long))
-        self._consecutive_nonfinite = 0
+        self._consecutive_nonfinite = {"tokenizer": 0, "discriminator": 0}
 
     # -- models ---------------------------------------------------------------------
     @property
@@ -142,6 +157,9 @@ class TokenizerModule(pl.LightningModule):
 
         if opt_d is not None:
             self.toggle_optimizer(opt_g)  # no discriminator gradients from the generator pass
+        # Forward passes update buffers (batch-norm statistics, codebook usage) even when the
+        # step is then skipped: keep them to put back, so no NaN reaches a checkpoint.
+        buffers = _StepBuffers(self.tokenizer, self.gan)
         images, out = self.training_pair(images)
         losses, logs = self.compute_losses(images, out, step, self.tokenizer)
         total = sum(losses.values())
@@ -151,8 +169,11 @@ class TokenizerModule(pl.LightningModule):
             self.manual_backward(total)
             if self.grad_clip:
                 self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+            finite = self._gradients_finite(opt_g, losses)
+        if finite:
             opt_g.step()
         else:
+            buffers.restore()
             self._skip_step(opt_g)
         if opt_d is not None:
             self.untoggle_optimizer(opt_g)
@@ -164,11 +185,17 @@ class TokenizerModule(pl.LightningModule):
             self.toggle_optimizer(opt_d)
             d_loss, d_extra = self.gan.discriminator_loss(images, out.reconstruction.detach(), step=step)
             opt_d.zero_grad(set_to_none=True)
-            if torch.isfinite(d_loss):
+            d_finite = self._check_finite(d_loss, {"disc_loss": d_loss}, part="discriminator")
+            if d_finite:
                 self.manual_backward(d_loss)
                 if self.disc_grad_clip:
                     self.clip_gradients(opt_d, gradient_clip_val=self.disc_grad_clip, gradient_clip_algorithm="norm")
+                d_finite = self._gradients_finite(opt_d, {"disc_loss": d_loss}, part="discriminator")
+            if d_finite:
                 opt_d.optimizer.step()  # the inner optimizer: must not advance global_step
+            else:
+                opt_d.zero_grad(set_to_none=True)
+                buffers.restore(discriminator_only=True)
             self.untoggle_optimizer(opt_d)
             d_logs = {"disc_loss": d_loss.detach(), **{f"disc/{k}": v for k, v in d_extra.items()}}
 
@@ -193,22 +220,34 @@ class TokenizerModule(pl.LightningModule):
         opt_g.zero_grad(set_to_none=True)
         opt_g.step()  # no gradients -> Adam leaves parameters unchanged
 
-    def _check_finite(self, total: Tensor, losses: dict[str, Tensor]) -> bool:
+    def _check_finite(self, total: Tensor, losses: dict[str, Tensor], part: str = "tokenizer") -> bool:
         if torch.isfinite(total):
-            self._consecutive_nonfinite = 0
+            self._consecutive_nonfinite[part] = 0
             return True
         self.nonfinite_skipped += 1
-        self._consecutive_nonfinite += 1
-        bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-        log.warning("Non-finite loss at step %d (terms: %s); step skipped (%d in a row).", self.global_step,
-                    ", ".join(bad), self._consecutive_nonfinite)
-        if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
+        self._consecutive_nonfinite[part] += 1
+        streak = self._consecutive_nonfinite[part]
+        bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["gradients"]
+        log.warning("Non-finite %s loss at step %d (terms: %s); step skipped (%d in a row).", part, self.global_step,
+                    ", ".join(bad), streak)
+        if streak >= self.max_consecutive_nonfinite:
             raise NonFiniteLossError(
-                f"{self._consecutive_nonfinite} consecutive non-finite losses (terms: {', '.join(bad)}). "
-                "Fix: lower the learning rate, use precision=bf16-mixed instead of 16-mixed, or enable QK-norm; "
-                "the last checkpoint is intact."
+                f"{streak} consecutive non-finite {part} losses (terms: {', '.join(bad)}); {int(self.nonfinite_skipped)} "
+                "steps skipped in all. Fix: lower the learning rate, use precision=bf16-mixed instead of 16-mixed, "
+                "or enable QK-norm. No skipped step changed a weight or buffer: the checkpoints hold the last "
+                "finite state, and resuming continues from the last one."
             )
         return False
+
+    def _gradients_finite(self, optimizer, losses: dict[str, Tensor], part: str = "tokenizer") -> bool:
+        """A finite loss can still give NaN/inf gradients (which clipping spreads to every
+        weight). With fp16's GradScaler that is the scaler's job (it skips and lowers the scale)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return True
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            return True
+        return self._check_finite(torch.tensor(float("nan")), {"gradients": torch.tensor(float("nan"))}, part)
 
     # -- validation ---------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int):
@@ -272,3 +311,8 @@ class TokenizerModule(pl.LightningModule):
             for key, value in self.state_dict().items():
                 if key.startswith(prefixes) and key not in state:
                     state[key] = value
+        # runs before Lightning loads the optimizer states: a learning rate (or betas, ...)
+        # changed in the config on resume is applied, not silently replaced by the saved one
+        factories = [self.optimizer_factory] + ([self.disc_optimizer_factory] if self.gan is not None else [])
+        apply_configured_settings(checkpoint.get("optimizer_states", []), factories, ["tokenizer", "discriminator"])
+        log_config_changes(checkpoint.get("config"), self.run_config)

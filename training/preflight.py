@@ -404,10 +404,13 @@ def remove_fresh_run_dir(run_dir: str | os.PathLike) -> bool:
     """Removes ``run_dir`` if it holds nothing but what Hydra writes at start-up (its
     config copy and the log): a failed start leaves no run directory behind, and a run
     directory with checkpoints or images is never touched."""
+    from training.run_lock import LOCK_FILE, lock_is_held
+
     path = Path(run_dir)
     if not path.is_dir():
         return False
-    if any(entry.name not in HYDRA_FILES for entry in path.iterdir()):
+    # a run directory another live run holds (the refused second run's) is never fresh
+    if lock_is_held(path) or any(entry.name not in HYDRA_FILES | {LOCK_FILE} for entry in path.iterdir()):
         return False
     shutil.rmtree(path, ignore_errors=True)
     parent = path.parent  # a sweep folder that held only this job

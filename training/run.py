@@ -22,6 +22,7 @@ from training.checkpoints import (
     resolve_resume,
 )
 from training.preflight import ConfigError, user_error
+from training.run_lock import run_directory_lock
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,12 @@ def configure_cpu_threads(cfg: DictConfig) -> int | None:
 
 
 def train(cfg: DictConfig) -> dict:
+    # before anything reads or writes the run directory: a second run on it refuses here
+    with run_directory_lock(cfg.paths.output_dir):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict:
     if cfg.get("task") == "generator":  # the latent generator for gFID (experiment=generator)
         from training.generator_module import fit_generator
 

@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flextok_reference import (import_reference, reference_config, reference_decode, reference_tokenize,  # noqa: E402
-                               use_dense_attention)
+from flextok_reference import (import_reference, randomize, reference_config, reference_decode,  # noqa: E402
+                               reference_tokenize, save_release_layout, use_dense_attention)
 
 SIZES = dict(latent_channels=16, image_size=64, num_registers=32, enc_dim=64, enc_depth=2, dec_dim=64,
              dec_depth=2, head_dim=32, adaln_expansion=2, null_condition="learned")
@@ -43,19 +42,6 @@ VAE_CONFIG = dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, latent
                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                   scaling_factor=0.8, sample_size=64)
 TOKEN_COUNTS = (1, 5, 32)
-
-
-def randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Every learned tensor ~ N(0, 1/fan_in) (biases and vectors: N(0, 0.1^2)); fixed
-    sin-cos tables (requires_grad=False) are left as they are."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            std = 1 / math.sqrt(p.shape[1]) if p.ndim == 2 else 0.1
-            if name.endswith("posembs") or name.endswith("registers"):
-                std = 0.5
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
 def main() -> None:
@@ -75,7 +61,6 @@ def main() -> None:
 
     vae = AutoencoderKL(**VAE_CONFIG).eval()
     vae.decoder.conv_out.weight.mul_(0.3)  # decoded images mostly inside [-1, 1] (FlexTok clamps)
-    vae.save_pretrained(out / "vae", safe_serialization=True)
 
     config = reference_config(**SIZES, vae_scaling_factor=VAE_CONFIG["scaling_factor"])
     model = FlexTokFromHub(config)
@@ -84,12 +69,7 @@ def main() -> None:
     randomize(model.decoder, generator)
     model = model.eval()
     use_dense_attention(model)
-    model.save_pretrained(out / "model")
-    # The hub mixin of recent huggingface_hub versions writes config.json with sorted keys,
-    # which would reorder the SequentialModuleDictWrapper modules; the release keeps the
-    # order the modules run in, so write it as the release has it.
-    (out / "model" / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "model" / "README.md").unlink(missing_ok=True)
+    save_release_layout(model, vae, config, out)
 
     images = (torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1)
     images = torch.nn.functional.interpolate(images, size=64, mode="bilinear", align_corners=False)

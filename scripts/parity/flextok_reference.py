@@ -137,6 +137,39 @@ def reference_config(*, latent_channels: int = 16, image_size: int = 256, downsa
             "flow_matching_noise_module": noise, "pipeline": pipeline}
 
 
+def randomize(module, generator) -> None:
+    """Every learned tensor ~ N(0, 1/fan_in) (vectors N(0, 0.1^2), positions and registers
+    N(0, 0.5^2)), the zero-initialised adaLN and heads included, so every weight matters;
+    the fixed sin-cos tables (requires_grad=False) stay."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            std = 1 / math.sqrt(p.shape[1]) if p.ndim == 2 else 0.1
+            if name.endswith("posembs") or name.endswith("registers"):
+                std = 0.5
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def save_release_layout(model, vae, config: dict, out) -> None:
+    """``model/`` (config.json + model.safetensors, as FlexTokFromHub.save_pretrained) and
+    ``vae/`` (diffusers save_pretrained). Recent huggingface_hub versions write config.json
+    with sorted keys, which would reorder the SequentialModuleDictWrapper modules; the
+    release keeps them in the order they run, so config.json is written as the release has it."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    model.save_pretrained(out / "model")
+    (out / "model" / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "model" / "README.md").unlink(missing_ok=True)
+
+
 def use_dense_attention(model) -> None:
     """Switch the reference to its SDPA fallback (CPU): dense attention, materialised masks."""
     from flextok.model.layers.attention import FlexAttention

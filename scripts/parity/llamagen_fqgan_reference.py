@@ -30,14 +30,17 @@ reference venv):
     python scripts/parity/llamagen_fqgan_reference.py --llamagen /path/LlamaGen --fqgan /path/FQGAN \\
         --out tests/fixtures/parity
 
-``--size full`` builds the released widths instead (``llamagen_fqgan_fullsize_check.py``
-uses the same builders through ``reference_model``).
+The same run also writes ``llamagen_fqgan_layouts.json``: the state-dict layout (key ->
+shape) of each released architecture at full size, built by the reference code on the meta
+device (no weights); the fast suite checks the project's full-size models against it.
+``llamagen_fqgan_fullsize_check.py`` uses the same builders (``reference_model``) at full size.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -225,6 +228,15 @@ def make_fixture(name: str, clones: dict[str, Path], seed: int, size: dict = SMA
     }
 
 
+def full_layout(name: str, clones: dict[str, Path]) -> dict[str, list[int]]:
+    """The released architecture's state-dict layout, from the reference code on the meta device."""
+    kind, _, ds = RELEASES[name]
+    repo = "llamagen" if kind == "llamagen" else "fqgan"
+    module = import_reference(clones[repo], REFERENCE_FILES[kind], f"_reference_{kind}")
+    with torch.device("meta"):
+        return layout_of(reference_model(module, kind, ds, FULL).state_dict())
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llamagen", type=Path, required=True, help="local clone of FoundationVision/LlamaGen")
@@ -235,6 +247,10 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
     args.out.mkdir(parents=True, exist_ok=True)
     clones = {"llamagen": args.llamagen, "fqgan": args.fqgan}
+    layouts = {name: full_layout(name, clones) for name in sorted(RELEASES)}
+    path = args.out / "llamagen_fqgan_layouts.json"
+    path.write_text(json.dumps(layouts, separators=(",", ":")))
+    print(f"{path}: {path.stat().st_size / 1024:.0f} kB, full-size layouts of {', '.join(layouts)}")
     for i, name in enumerate(sorted(RELEASES)):
         if name not in args.only:
             continue

@@ -36,18 +36,21 @@ MULTS = {16: [1, 1, 2, 2, 4], 8: [1, 2, 2, 4]}
 TRAINING_ONLY = re.compile(r"(^|\.)codebook_used$")
 
 
-def architecture(ds: int = 16, width: int = 128, z_channels: int = 256, codebook_size: int = 16384,
-                 code_dim: int = 8) -> dict[str, Any]:
-    """Updates to ``conf/tokenizer/vqgan.yaml`` for LlamaGen's ``VQ_{ds}`` (reference defaults;
-    the parity fixtures pass reduced widths)."""
+def architecture(ds: int = 16, width: int | None = None, z_channels: int | None = None,
+                 codebook_size: int | None = None, code_dim: int | None = None) -> dict[str, Any]:
+    """Updates to ``conf/tokenizer/vqgan.yaml`` for LlamaGen's ``VQ_{ds}``: none for VQ-16 (the
+    config is the release), ``mults`` for VQ-8, and the sizes given (reduced-width fixtures).
+    Everything else (blocks per level, attention, l2-normalised codes) comes from the config,
+    so the parity tests check the config too."""
     if ds not in MULTS:
         raise ValueError(f"LlamaGen releases downsample by 16 or 8, got ds={ds}.")
-    return {
-        "encoder": {"width": width, "mults": MULTS[ds], "num_res_blocks": 2, "z_channels": z_channels},
-        # LlamaGen's Decoder(num_res_blocks=2) builds num_res_blocks + 1 = 3 blocks per level
-        "decoder": {"width": width, "mults": MULTS[ds], "num_res_blocks": 3, "z_channels": z_channels},
-        "quantizer": {"codebook_size": codebook_size, "code_dim": code_dim, "l2_normalize": True},
-    }
+    conv: dict[str, Any] = {} if ds == 16 else {"mults": MULTS[ds]}
+    if width is not None:
+        conv["width"] = width
+    if z_channels is not None:
+        conv["z_channels"] = z_channels
+    quantizer = {k: v for k, v in (("codebook_size", codebook_size), ("code_dim", code_dim)) if v is not None}
+    return {"encoder": dict(conv), "decoder": dict(conv), "quantizer": quantizer}
 
 
 def build(ds: int = 16, **arch: Any):

@@ -166,6 +166,9 @@ def _load_release(path=None, *, vf: Any = True, teacher: Any = None, teacher_wei
     unknown = set(arch) - {"width", "mults", "num_res_blocks", "embed_dim"}
     if unknown:
         raise TypeError(f"vavae_f16d32 options are vf, teacher, teacher_weights; got {sorted(unknown)}.")
+    # values from a ``pretrained:`` spec string arrive as text
+    arch = {k: (tuple(int(m) for m in str(v).strip("()[]").split(",")) if k == "mults" else int(v))
+            for k, v in arch.items()}
     if isinstance(teacher, str):
         teacher = {"name": teacher, "weights": teacher_weights, "random": False}
     elif teacher is None and teacher_weights:

@@ -1,0 +1,85 @@
+"""Resuming with a config that differs from the checkpoint's: the run's config wins, and
+every difference is logged.
+
+Lightning restores an optimizer's ``param_groups`` from the checkpoint, learning rate and
+betas included, so a value changed in the config when resuming (``module.optimizer.lr=...``)
+would be silently ignored while the new checkpoint's saved config records it. Before the
+state is loaded, the saved hyperparameters are replaced by the configured ones (the
+moments and step counts stay), and every change is logged.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def configured_defaults(factory: Callable[..., torch.optim.Optimizer]) -> dict:
+    """The hyperparameters ``factory`` gives an optimizer (built on a throwaway parameter)."""
+    return dict(factory([torch.nn.Parameter(torch.zeros(1))]).defaults)
+
+
+def apply_configured_settings(saved_states: Sequence[dict], factories: Sequence[Callable], names: Sequence[str]) -> list[str]:
+    """Overwrites the hyperparameters in ``saved_states`` (``checkpoint["optimizer_states"]``,
+    in place) with the configured ones; returns the changes as ``"name key: old -> new"``."""
+    changes: list[str] = []
+    for state, factory, name in zip(saved_states, factories, names):
+        configured = configured_defaults(factory)
+        for group in state.get("param_groups", []):
+            for key, value in configured.items():
+                if key in group and not _same(group[key], value):
+                    change = f"{name} optimizer {key}: {_show(group[key])} -> {_show(value)}"
+                    if change not in changes:
+                        changes.append(change)
+                    group[key] = value
+    if changes:
+        log.warning("Resuming with optimizer settings that differ from the checkpoint's; the config's values are "
+                    "applied (moments and step counts kept): %s", "; ".join(changes))
+    return changes
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.equal(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+    return a == b
+
+
+def _show(value) -> str:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_show(v) for v in value) + ")"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``"key: saved -> current"`` for every leaf that differs between two run configs."""
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    return [f"{key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key, missing) != new.get(key, missing)]
+
+
+def log_config_changes(saved: dict | None, current: dict | None) -> list[str]:
+    if not saved or not current:
+        return []
+    changes = config_changes(saved, current)
+    if changes:
+        log.warning("Resuming with %d config value(s) changed since the checkpoint was written; the new values "
+                    "apply from here on and are saved in the next checkpoints:\n  %s", len(changes),
+                    "\n  ".join(changes))
+    return changes
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        flat = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: tree}
