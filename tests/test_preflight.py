@@ -89,6 +89,13 @@ def test_unknown_key_gets_the_closest_real_key(argv, expected, capsys):
     assert expected in err and "Traceback" not in err
 
 
+def test_evaluate_keys_get_the_closest_real_key_too(capsys):
+    with pytest.raises(SystemExit):
+        check_overrides(CONF / "evaluate", "evaluate", ["checkpoints=[a]", "limit_batch=3"])
+    err = capsys.readouterr().err
+    assert "Did you mean limit_batches?" in err and "python evaluate.py --cfg job" in err
+
+
 def test_known_keys_and_sweeps_pass_the_key_check():
     check_overrides(CONF, "train", ["debug=smoke", "trainer.max_steps=3", "tokenizer=vqgan,vae", "+foo=1"])
 
