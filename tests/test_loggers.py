@@ -1,7 +1,6 @@
 """W&B decides online/offline by itself, and a run directory keeps one W&B run id."""
 import pytest
 
-from helpers import run_train
 from common import loggers
 
 
@@ -36,14 +35,17 @@ def test_run_id_is_created_once_and_reused(tmp_path):
     assert (tmp_path / "wandb_run_id.txt").read_text() == first
 
 
-def test_a_run_without_credentials_logs_offline_with_a_notice(tmp_path, monkeypatch):
+def test_a_run_without_credentials_logs_offline_with_a_notice(tmp_path, monkeypatch, caplog):
+    from inprocess import train_in_process
+
     run = tmp_path / "run"
     for var in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(var, raising=False)
-    env = {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
-    p = run_train([f"hydra.run.dir={run}", "debug=smoke", "logger=wandb", "trainer.max_steps=2"], env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "logging offline" in p.stdout + p.stderr
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "cfg"))
+    with caplog.at_level("WARNING"):
+        train_in_process(run, ["logger=wandb", "trainer.max_steps=2"])  # train.py's train(), in this process
+    assert "logging offline" in caplog.text
     run_id = (run / "wandb_run_id.txt").read_text().strip()
     files = list((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert files and files[0].stat().st_size > 0
