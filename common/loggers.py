@@ -93,8 +93,8 @@ class AppendingWriter(ExperimentWriter):
 class AppendingCSVLogger(CSVLogger):
     """``CSVLogger`` whose ``metrics.csv`` survives a resume: a resumed or requeued run
     appends its rows, so the file holds the whole history (steps logged after the last
-    checkpoint by a killed run appear again when the resumed run repeats them). Buffered
-    rows are written with every checkpoint."""
+    checkpoint by a killed run appear again when the resumed run repeats them). Lightning
+    writes the rows at every logging step, so a killed run's file is complete up to its last one."""
 
     @property
     @rank_zero_experiment
@@ -103,8 +103,3 @@ class AppendingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingWriter(log_dir=self.log_dir)
         return self._experiment
-
-    def after_save_checkpoint(self, checkpoint_callback) -> None:
-        # rows are buffered (flush_logs_every_n_steps); flushing with every checkpoint means a
-        # killed run's file always reaches at least the step its resume starts from
-        self.save()

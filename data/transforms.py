@@ -23,13 +23,23 @@ from PIL import Image
 from data.common import check_resolution
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, min_short_side: int | None = None) -> Image.Image:
     """Encoded image bytes (JPEG, PNG, WebP, ...) -> fully decoded RGB PIL image.
 
     ``convert`` forces the whole file to be decoded here, so truncated or corrupt data
     raises now (and is counted by the caller) rather than later in a transform.
+
+    ``min_short_side``: the caller only needs an image whose short side is at least this;
+    a JPEG at least twice that size is then decoded at 1/2, 1/4 or 1/8 scale in the DCT
+    domain (PIL's draft mode), never below ``min_short_side``, which is several times
+    cheaper than a full decode followed by a shrinking resize.
     """
     with Image.open(io.BytesIO(data)) as image:
+        if min_short_side and image.format == "JPEG":
+            width, height = image.size
+            scale = min_short_side / min(width, height)
+            if scale <= 0.5:
+                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         return image.convert("RGB")
 
 
@@ -71,12 +81,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 class TrainTransform:
     """Random short-side resize in [R, max_upscale * R], random R x R crop, random flip."""
 
-    def __init__(self, resolution: int, max_upscale: float = 1.25, flip: bool = True):
+    def __init__(self, resolution: int, max_upscale: float = 1.25, flip: bool = True, jpeg_draft: bool = True):
         if max_upscale < 1.0:
             raise ValueError(f"max_upscale must be >= 1 (the crop needs a short side >= resolution), got {max_upscale}.")
         self.resolution = check_resolution(resolution)
         self.max_short_side = max(self.resolution, int(max_upscale * self.resolution))
         self.flip = flip
+        # JPEGs may be decoded at reduced size as long as the short side stays >= the largest resize
+        self.decode_short_side = self.max_short_side if jpeg_draft else None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = self.resolution

@@ -99,7 +99,7 @@ class DecodeSamples:
                 if "cls" not in sample:
                     raise ValueError("no .cls label file in sample")
                 label = int(sample["cls"])
-                image = self.transform(decode_image(sample[image_key]))
+                image = self.transform(decode_image(sample[image_key], getattr(self.transform, "decode_short_side", None)))
             except Exception as exn:
                 self.skips.record(key, exn)
                 continue
@@ -212,6 +212,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
             buffer, combined with rank and worker); the configs pass the run's ``seed``.
         max_upscale: training short side is drawn from [R, max_upscale * R].
         val_remainder: "drop" or "pad" (see ``data.common``).
+        pin_memory: page-locked batches for fast host-to-GPU copies (default: when CUDA is present).
+        jpeg_draft: decode training JPEGs at reduced size (DCT scaling) when they are at
+            least twice the largest resize (``data.transforms.decode_image``).
+        prefetch_factor: batches each worker prepares ahead of the training step.
         rank, world_size: override the rank of this process (tests, custom launchers).
         max_consecutive_failures: unreadable shards / samples in a row (per worker) after
             which reading stops with an error instead of retrying forever.
@@ -233,6 +237,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
         val_batch_size: int | None = None,
         val_remainder: str = "drop",
         pin_memory: bool | None = None,
+        jpeg_draft: bool = True,
+        prefetch_factor: int = 4,
         rank: int | None = None,
         world_size: int | None = None,
         max_consecutive_failures: int = 1000,
@@ -247,7 +253,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self.train_batches_per_epoch = train_batches_per_epoch
         self.shuffle_buffer = int(shuffle_buffer)
         self.shuffle_seed = int(shuffle_seed)
-        self.train_transform = TrainTransform(resolution, max_upscale=max_upscale, flip=flip)
+        self.train_transform = TrainTransform(resolution, max_upscale=max_upscale, flip=flip, jpeg_draft=jpeg_draft)
+        self.prefetch_factor = int(prefetch_factor)
         self.eval_transform = EvalTransform(resolution)
         split_for_rank(1, 0, 1, val_remainder)  # validates the policy name now, not at the first epoch
         self.val_remainder = val_remainder
@@ -344,6 +351,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,  # batches ready per worker
         )
         # The stream is endless; with_epoch cuts it to the same count on every rank.
         # That count is exact, so it is also given as __len__ for progress bars and

@@ -54,7 +54,7 @@ def build_inception_score(weights: str | None = None, random_features: bool = Fa
     from common.metrics import RandomFeatures, find_inception_weights
 
     if random_features:
-        return InceptionScore(feature=RandomFeatures(), splits=1)
+        return InceptionScore(feature=RandomFeatures(), splits=2)
     network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
                                  feature_extractor_weights_path=str(find_inception_weights(weights)), antialias=False)
     return InceptionScore(feature=network, splits=10)
@@ -167,6 +167,7 @@ def evaluate_generator(checkpoint: str, cfg: DictConfig, device: torch.device,
     headline = by_tokens[list(by_tokens)[-1]]  # the whole token set / the largest count
     result = {
         "checkpoint": str(checkpoint),
+        "run": str(saved.get("run_name") or Path(checkpoint).parent.parent.name),
         "family": facts["family"],
         "gfid": headline["gfid"],
         "inception_score": headline.get("inception_score"),

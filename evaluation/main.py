@@ -179,8 +179,12 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         for generator, tok_ckpt in zip(generators, gen_tokenizers):
             gen = evaluate_generator(resolve_checkpoint(generator), cfg, device=device, make_fid=make_fid)
             target = next(r for r in results if r["checkpoint"] == tok_ckpt)
+            if target.get("generation"):  # a second generator on the same tokenizer: its own lines
+                target = {**target, "run": run_name(OmegaConf.create({"run_name": f"{target['run']}+{gen['run']}"}),
+                                                    tok_ckpt, names)}
+                results.append(target)
             for label, images in gen.pop("previews"):
-                samples.append((f"{target['run']}\n{gen['family']}" + (f"\n{label}" if label else ""), images))
+                samples.append((f"{target['run']}\n{gen['run']}" + (f"\n{label}" if label else ""), images))
             target["generation"] = gen
 
     problems = "\n".join(f"  {path}: {reason}" for path, reason in failed.items())

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fault_helpers import TINY, load
+from fault_helpers import FAST_RUN, load
 from helpers import ROOT
 from training.checkpoints import AtomicCheckpointIO
 
@@ -67,10 +67,8 @@ def _steps_in_csv(run_dir) -> list[int]:
 @pytest.mark.timeout(1800)
 def test_train_py_killed_mid_run_resumes_at_the_saved_step_with_the_saved_config(tmp_path):
     run_dir = tmp_path / "run"
-    tiny = [o for o in TINY if not o.startswith(("run_name", "data=", "debug="))]
-    command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", "debug=smoke", "data=synthetic", *tiny,
-               "trainer.max_steps=16", "callbacks.model_checkpoint.every_n_train_steps=2", "logger=csv",
-               "trainer.val_check_interval=100"]
+    command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *FAST_RUN,
+               "trainer.max_steps=16", "callbacks.model_checkpoint.every_n_train_steps=2", "logger=csv"]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 600
@@ -95,4 +93,5 @@ def test_train_py_killed_mid_run_resumes_at_the_saved_step_with_the_saved_config
     assert steps[: len(logged_before)] == logged_before  # the killed run's rows are kept
     resumed = steps[len(logged_before):]
     assert resumed[0] == saved["global_step"] and resumed[-1] == 15  # continued at the saved step
-    assert set(range(saved["global_step"] - 1)) <= set(logged_before)  # flushed with each checkpoint
+    # rows are written at every logging step (smoke: 1); the saved step's own row may follow the save
+    assert set(range(saved["global_step"] - 1)) <= set(logged_before)

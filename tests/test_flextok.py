@@ -368,3 +368,12 @@ def test_register_tokens_follow_the_reference_order_and_null_conditions():
         expected_null = dec.null_token if null_condition == "learned" else torch.zeros(dec.width)
         assert torch.equal(tokens[1], expected_null.expand(8, -1))
     assert tiny_flextok(null_condition="zero", repa_weight=0.0, teacher=None).decoder.null_token is None
+
+
+def test_a_checkpoint_without_the_latent_scale_buffer_keeps_the_configured_scale():
+    """FlexTok checkpoints from before latent_scale was saved load with the config's value."""
+    old = tiny_flextok(latent_scale=0.5, repa_weight=0.0, teacher=None)
+    state = {k: v for k, v in old.state_dict().items() if k != "latent_scale"}
+    new = tiny_flextok(latent_scale=0.5, repa_weight=0.0, teacher=None)
+    assert new.load_state_dict(state, strict=True) is not None
+    assert float(new.latent_scale) == 0.5

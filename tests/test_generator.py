@@ -192,3 +192,24 @@ def test_every_tokenizer_goes_through_cache_training_samples_and_gfid(name, tmp_
     if name == "flextok":  # gFID per token count, and its plot
         assert sorted(generation["gfid_by_tokens"], key=int) == ["1", "4", "16"]
         assert (tmp_path / "report" / "gfid_tokens.png").is_file()
+
+
+def test_cosine_term_is_per_position_along_channels():
+    """LightningDiT's cosine loss compares velocity directions per latent position: a prediction
+    that is the target scaled by a different positive factor at every position costs nothing."""
+    from functools import partial
+
+    from training.generator_module import LatentFlowModule
+
+    torch.manual_seed(0)
+    x0, scale = torch.randn(2, 3, 4, 4), torch.rand(2, 1, 4, 4) + 0.5
+
+    class ScaledTarget(torch.nn.Module):
+        in_channels = 3
+
+        def forward(self, x_t, t, y):  # x_t = t eps + (1 - t) x0, so the target eps - x0 = (x_t - x0) / t
+            return (x_t - x0) / t.view(-1, 1, 1, 1) * scale
+
+    module = LatentFlowModule(ScaledTarget(), optimizer=partial(torch.optim.SGD, lr=0.1), cosine_weight=1.0)
+    _, logs = module.loss((x0, torch.tensor([0, 1])))
+    assert logs["cosine"] < 1e-5 and logs["mse"] > 1e-2

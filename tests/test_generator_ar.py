@@ -59,10 +59,8 @@ def test_cfg_at_scale_one_samples_the_conditional_model():
     # the conditional model alone, teacher-forced on what was sampled
     conditional = model(guided, y, drop_labels=False)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(guided_logits, conditional))
-    other, _ = model.generate(y, cfg_scale=3.0, uniforms=u, return_logits=True)
     null = model(guided, torch.full_like(y, model.null_class), drop_labels=False)
-    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(conditional, null))  # guidance has an effect
-    del other
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(conditional, null))  # the class matters
 
 
 def test_cfg_logits_are_uncond_plus_scale_times_the_difference():
@@ -135,14 +133,12 @@ def test_latent_sampler_guides_only_the_chosen_channels():
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     y, noise = torch.tensor([1, 2]), torch.randn(2, 4, 4, 4)
-    plain = model.sample(y, steps=3, guidance=1.0, noise=noise)
     partial = model.sample(y, steps=1, guidance=4.0, guided_channels=3, noise=noise)
     full = model.sample(y, steps=1, guidance=4.0, noise=noise)
     one_step = model.sample(y, steps=1, guidance=1.0, noise=noise)
     assert torch.allclose(partial[:, 3:], one_step[:, 3:], atol=1e-6)  # channel 3 follows the conditional model
     assert torch.allclose(partial[:, :3], full[:, :3], atol=1e-6)
     assert not torch.allclose(partial[:, :3], one_step[:, :3], atol=1e-4)
-    del plain
 
 
 def test_lightningdit_shift_in_this_convention_is_the_inverse_shift():

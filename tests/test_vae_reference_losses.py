@@ -104,3 +104,32 @@ def test_reference_experiments_use_the_reference_clamps(experiment):
     if experiment.startswith("vavae"):
         assert (cfg.tokenizer.max_adaptive_weight, cfg.tokenizer.max_adaptive_weight_reduction) == (1e8, "sum")
         assert cfg.tokenizer.teacher_input == "raw_bilinear"
+
+
+def test_teacher_features_equal_the_references_dynamic_size_dinov2_on_raw_input(tmp_path):
+    """LightningDiT builds DINOv2 as published (518 px position embeddings) with
+    ``dynamic_img_size=True`` and feeds it ``interpolate(x, 224, bilinear)`` of the raw
+    [-1, 1] images; the project resamples the embeddings to 224 px when loading. Same features
+    (DINOv2-S/14 here: the same code path as ViT-L, cheaper)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from tokenizers import teachers
+
+    torch.manual_seed(0)
+    published = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)  # 518 px
+    with torch.no_grad():
+        published.pos_embed.normal_(0, 0.5)  # a position embedding that matters
+    save_file(published.state_dict(), str(tmp_path / "model.safetensors"))
+    reference = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                                  dynamic_img_size=True).eval()
+    reference.load_state_dict(published.state_dict())
+    teachers.clear_cache()
+    ours = teachers.get_teacher({"name": "dinov2_s", "weights": str(tmp_path / "model.safetensors"), "random": False})
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        expected = reference.forward_features(F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False))
+        got = ours(x, input_mode="raw_bilinear")
+    teachers.clear_cache()
+    assert got.grid == (16, 16)
+    torch.testing.assert_close(got.patches, expected[:, 1:], atol=1e-4, rtol=1e-4)

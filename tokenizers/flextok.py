@@ -452,11 +452,19 @@ class FlexTok(Tokenizer):
         """Frozen VAE latents, shifted and scaled to roughly unit variance (fp32)."""
         shifted = self.codec.encode(images) - self.latent_shift
         if torch.isnan(self.latent_scale):
-            measured = 1.0 / shifted.std().clamp_min(1e-6)
-            self.latent_scale.fill_(float(measured))
-            log.info("FlexTok: latent_scale measured on the first batch (%d images): %.5f", images.shape[0],
-                     float(measured))
+            variance = shifted.float().var()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(variance)  # every rank the same scale
+                variance /= torch.distributed.get_world_size()
+            measured = float(variance.clamp_min(1e-12).rsqrt())
+            self.latent_scale.fill_(measured)
+            log.info("FlexTok: latent_scale measured on the first batch (%d images): %.5f", images.shape[0], measured)
         return shifted * self.latent_scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before latent_scale was a buffer: keep the value the config gave
+        state_dict.setdefault(prefix + "latent_scale", self.latent_scale.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def latents_to_images(self, latents: Tensor) -> Tensor:
         if torch.isnan(self.latent_scale):

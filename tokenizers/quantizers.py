@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 def code_statistics(indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
@@ -72,16 +73,21 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def nearest(self, z_flat: Tensor, codes: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
         """Index of the nearest code for each row of ``z_flat`` (N, D), searched in chunks
-        so that at most ``max_distance_elements`` distances exist at once."""
-        codes = self.codes() if codes is None else codes
+        so that at most ``max_distance_elements`` distances exist at once.
+
+        ``argmin_k ||z - c_k||^2 = argmin_k (||c_k||^2 - 2 z.c_k)``: the ``||z||^2`` term is
+        the same for every code of a row and is left out; the rest is a single matmul of
+        ``[z, 1]`` with ``[-2 c_k, ||c_k||^2]``, so each chunk's scores are written once
+        and read once by the argmin (the plain formula makes five passes over them)."""
+        codes = (self.codes() if codes is None else codes).float()
         if chunk_size is None:
             chunk_size = max(1, self.max_distance_elements // codes.shape[0])
-        codes_sq = (codes.float() ** 2).sum(-1)
+        codes_aug_t = torch.cat([-2.0 * codes, (codes**2).sum(-1, keepdim=True)], dim=1).t()
         out = torch.empty(z_flat.shape[0], dtype=torch.long, device=z_flat.device)
         for start in range(0, z_flat.shape[0], chunk_size):
             zc = z_flat[start : start + chunk_size].float()
-            d = (zc**2).sum(-1, keepdim=True) + codes_sq[None] - 2 * zc @ codes.float().t()
-            out[start : start + chunk_size] = d.argmin(-1)
+            zc_aug = torch.cat([zc, torch.ones_like(zc[:, :1])], dim=1)
+            torch.argmin(zc_aug @ codes_aug_t, dim=-1, out=out[start : start + chunk_size])
         return out
 
     def lookup(self, indices: Tensor) -> Tensor:
@@ -90,18 +96,43 @@ class VectorQuantizer(nn.Module):
 
     # -- training ---------------------------------------------------------------------
     def entropy_loss(self, z_flat: Tensor, codes: Tensor) -> Tensor:
-        d = (z_flat**2).sum(-1, keepdim=True) + (codes**2).sum(-1)[None] - 2 * z_flat @ codes.t()
-        probs = F.softmax(-d / self.entropy_temperature, dim=-1)
-        log_probs = F.log_softmax(-d / self.entropy_temperature, dim=-1)
-        per_token = -(probs * log_probs).sum(-1).mean()
-        mean_probs = probs.mean(0)
+        """``mean per-token entropy - entropy of the mean distribution`` of
+        ``p = softmax(-d / T)`` over squared distances d, accumulated over chunks of tokens:
+        each chunk's (N_c, K) probabilities are recomputed in the backward pass instead
+        of kept (activation checkpointing), so memory stays at one chunk whatever N."""
+        n = z_flat.shape[0]
+        chunk = max(1, self.max_distance_elements // codes.shape[0])
+        codes_sq = (codes**2).sum(-1)
+        keep_graph = torch.is_grad_enabled() and (z_flat.requires_grad or codes.requires_grad)
+        entropy_sum, probs_sum = None, None
+        for start in range(0, n, chunk):
+            zc = z_flat[start : start + chunk]
+            if keep_graph:
+                e, p = checkpoint(self._entropy_terms, zc, codes, codes_sq, use_reentrant=False)
+            else:
+                e, p = self._entropy_terms(zc, codes, codes_sq)
+            entropy_sum = e if entropy_sum is None else entropy_sum + e
+            probs_sum = p if probs_sum is None else probs_sum + p
+        per_token = entropy_sum / n
+        mean_probs = probs_sum / n
         batch = -(mean_probs * mean_probs.clamp_min(1e-5).log()).sum()
         return per_token - batch
 
+    def _entropy_terms(self, zc: Tensor, codes: Tensor, codes_sq: Tensor) -> tuple[Tensor, Tensor]:
+        """(sum over the chunk's tokens of their entropy, sum of their probabilities (K,))."""
+        d = (zc**2).sum(-1, keepdim=True) + codes_sq[None] - 2 * zc @ codes.t()
+        probs = F.softmax(-d / self.entropy_temperature, dim=-1)
+        log_probs = F.log_softmax(-d / self.entropy_temperature, dim=-1)
+        return -(probs * log_probs).sum(), probs.sum(0)
+
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """z (B, D, H, W) -> (z_q straight-through, indices (B, H, W), losses, logs)."""
+        with torch.autocast(device_type=z.device.type, enabled=False):  # fp32 search and losses under bf16-mixed
+            return self._quantize(z)
+
+    def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         b, d, h, w = z.shape
-        z = z.float()  # quantize in fp32 even under bf16 autocast
+        z = z.float()
         z_flat = self._prepare(z.permute(0, 2, 3, 1).reshape(-1, d))
         codes = self.codes().float()
         indices = self.nearest(z_flat, codes)

@@ -372,7 +372,12 @@ def fit_generator(cfg: DictConfig) -> dict[str, float]:
     """Encode (once), train, save ``<run dir>/checkpoints/last.ckpt``; returns final metrics."""
     from training.checkpoints import LAST, AtomicCheckpointIO, checkpoint_dir, resolve_resume
 
+    from training.run import configure_cpu_threads
+
     run_dir = Path(cfg.paths.output_dir)
+    threads = configure_cpu_threads(cfg)
+    if threads:
+        log.info("CPU run: %d intra-op thread(s) per process.", threads)
     pl.seed_everything(cfg.seed, workers=True)
     module, cache = prepare_generator(cfg)
     callbacks = _instantiate_targets(cfg.get("callbacks"))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from common.metrics import psnr_per_image, to_pixels
 from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput
+from training.acceleration import accelerate, images_channels_last
 from training.ema import EMA
 from training.resume import apply_configured_settings, log_config_changes
 
@@ -70,6 +71,9 @@ class TokenizerModule(pl.LightningModule):
         disc_grad_clip: float | None = 1.0,
         max_consecutive_nonfinite: int = 20,
         spectrum_bands: int = 8,
+        channels_last: bool = False,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -79,7 +83,12 @@ class TokenizerModule(pl.LightningModule):
         self.regularizer = regularizer
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer or optimizer
+        # speed switches (training.acceleration): same outputs, other kernels / memory trade-offs
+        self.channels_last = bool(channels_last) and accelerate(tokenizer, channels_last=True).get("channels_last", False)
+        if self.channels_last and gan is not None:
+            accelerate(gan, channels_last=True)
         self.ema = EMA(tokenizer, ema_decay) if ema_decay else None
+        accelerate(tokenizer, activation_checkpointing=activation_checkpointing, compile=compile)  # not the EMA copy
         self.grad_clip = grad_clip
         self.disc_grad_clip = disc_grad_clip
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
@@ -151,7 +160,7 @@ class TokenizerModule(pl.LightningModule):
         return pair if pair is not None else (images, self.tokenizer(images))
 
     def training_step(self, batch, batch_idx: int):
-        images = batch[0]
+        images = images_channels_last(batch[0]) if self.channels_last else batch[0]
         opt_g, opt_d = self._optimizers()
         step = self.global_step  # == batches seen (see module docstring)
 
@@ -168,7 +177,7 @@ class TokenizerModule(pl.LightningModule):
         if finite:
             self.manual_backward(total)
             if self.grad_clip:
-                self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+                self._clip(opt_g, self.grad_clip)
             finite = self._gradients_finite(opt_g, losses)
         if finite:
             opt_g.step()
@@ -189,7 +198,7 @@ class TokenizerModule(pl.LightningModule):
             if d_finite:
                 self.manual_backward(d_loss)
                 if self.disc_grad_clip:
-                    self.clip_gradients(opt_d, gradient_clip_val=self.disc_grad_clip, gradient_clip_algorithm="norm")
+                    self._clip(opt_d, self.disc_grad_clip)
                 d_finite = self._gradients_finite(opt_d, {"disc_loss": d_loss}, part="discriminator")
             if d_finite:
                 opt_d.optimizer.step()  # the inner optimizer: must not advance global_step
@@ -214,6 +223,24 @@ class TokenizerModule(pl.LightningModule):
                      reduce_fx="sum")  # per rank in the data module; summed over ranks here
         return total.detach()
 
+    def _clip(self, optimizer, max_norm: float) -> None:
+        """Clip the gradient norm of ``optimizer``'s parameters.
+
+        Lightning refuses to clip for fused optimizers (they can unscale fp16 gradients
+        inside their step); without a gradient scaler (fp32, bf16-mixed) there is nothing
+        to unscale, so the gradients are clipped directly, exactly as Lightning would."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not getattr(inner, "_step_supports_amp_scaling", False):
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            return
+        if str(self.trainer.precision) in ("16-mixed", "16", "16-true"):
+            raise ValueError(
+                "A fused optimizer with fp16 gradient scaling cannot be clipped here. Fix: use "
+                "trainer.precision=bf16-mixed, or module.optimizer.fused=false module.disc_optimizer.fused=false."
+            )
+        params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def _skip_step(self, opt_g) -> None:
         # Advance the step counter without touching the weights, so a bad batch costs
         # one step and nothing else (no NaN reaches the weights or a checkpoint).
@@ -221,13 +248,15 @@ class TokenizerModule(pl.LightningModule):
         opt_g.step()  # no gradients -> Adam leaves parameters unchanged
 
     def _check_finite(self, total: Tensor, losses: dict[str, Tensor], part: str = "tokenizer") -> bool:
-        if torch.isfinite(total):
+        # one decision for all ranks: a rank that skipped its backward while the others
+        # all-reduce theirs would hang the job (no-op on one device)
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total)), all=True):
             self._consecutive_nonfinite[part] = 0
             return True
         self.nonfinite_skipped += 1
         self._consecutive_nonfinite[part] += 1
         streak = self._consecutive_nonfinite[part]
-        bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["gradients"]
+        bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["gradients, or another rank's loss"]
         log.warning("Non-finite %s loss at step %d (terms: %s); step skipped (%d in a row).", part, self.global_step,
                     ", ".join(bad), streak)
         if streak >= self.max_consecutive_nonfinite:
@@ -257,6 +286,8 @@ class TokenizerModule(pl.LightningModule):
             images = images[batch[1] >= 0]
             if images.shape[0] == 0:
                 return
+        if self.channels_last:
+            images = images_channels_last(images)
         model = self.eval_tokenizer
         out = model(images)
         metrics: dict[str, Tensor] = {}

@@ -342,7 +342,8 @@ def build_flextok(name: str, path: str | os.PathLike | None = None, vae: str | o
                   repa_weight=0.0, teacher=None, **arch)
     kwargs.update(options)
     model = FlexTok(**kwargs)
-    state = read_state_dict(weights)
+    # activation-checkpoint wrappers (use_act_checkpoint) may leave their prefix in the names
+    state = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in read_state_dict(weights).items()}
     converted, used = convert_flextok(state, arch, channels, float(scale))
     ignored = sorted(k for k in state if k not in used)
     unknown = [k for k in ignored if not k.startswith("vae.")]

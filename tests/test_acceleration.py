@@ -1,0 +1,66 @@
+"""Speed switches (training.acceleration, fused optimizers) change how the loop runs,
+not what it learns: same weights after the same steps, within float tolerance."""
+import copy
+from functools import partial
+
+import pytest
+import torch
+
+from diffusion.blocks import Block
+from test_module import CountingGAN, fit, tiny_vqgan
+from tokenizers.losses import ReconstructionLoss
+from training.acceleration import accelerate, checkpoint_blocks
+from training.module import TokenizerModule
+
+
+def trained_weights(seed_model, **module_kw) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)  # the same discriminator both times
+    module = TokenizerModule(copy.deepcopy(seed_model), ReconstructionLoss(perceptual_weight=0),
+                             CountingGAN(disc_start=1), grad_clip=1e-3, **module_kw)
+    fit(module, max_steps=3)
+    return {k: v.detach().contiguous() for k, v in module.tokenizer.state_dict().items()}
+
+
+def test_fused_optimizer_and_channels_last_train_to_the_same_weights():
+    torch.manual_seed(0)
+    model = tiny_vqgan()
+    plain = trained_weights(model, optimizer=partial(torch.optim.Adam, lr=1e-3, foreach=False))
+    fast = trained_weights(model, optimizer=partial(torch.optim.Adam, lr=1e-3, fused=True), channels_last=True)
+    moved = [k for k in plain if not torch.equal(plain[k], model.state_dict()[k])]
+    assert moved  # the steps did train (grad_clip 1e-3 makes clipping active on every step)
+    for k in plain:
+        torch.testing.assert_close(fast[k], plain[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_channels_last_switch_converts_conv_weights_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = tiny_vqgan().eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x).reconstruction
+    applied = accelerate(model, channels_last=True)
+    assert applied == {"channels_last": True}
+    assert model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    out = model(x.contiguous(memory_format=torch.channels_last)).reconstruction
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_recomputes_blocks_with_equal_gradients():
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(Block(32, 4), Block(32, 4))
+    checkpointed = copy.deepcopy(blocks)
+    assert checkpoint_blocks(checkpointed) == 2
+    x = torch.randn(2, 10, 32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y_ckpt = checkpointed(x)
+    kept_ckpt, saved = sum(saved), []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = blocks(x)
+    assert kept_ckpt < sum(saved) / 3  # only block inputs are kept, not every activation
+    torch.testing.assert_close(y_ckpt, y)
+    g_ckpt = torch.autograd.grad(y_ckpt.square().sum(), list(checkpointed.parameters()))
+    g = torch.autograd.grad(y.square().sum(), list(blocks.parameters()))
+    for a, b in zip(g_ckpt, g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ema_copy = copy.deepcopy(checkpointed)  # the EMA copy runs its own blocks, not the original's
+    assert ema_copy[0].forward.block is ema_copy[0]

@@ -1,0 +1,104 @@
+"""Speed switches that change how a model runs, never what it computes.
+
+- ``channels_last``: NHWC weights and inputs for conv tokenizers (oneDNN / cuDNN pick
+  their NHWC kernels; the math is the same convolution).
+- ``activation_checkpointing``: transformer blocks recompute their activations in the
+  backward pass instead of keeping them (less memory, about one extra forward).
+- ``compile_blocks``: ``torch.compile`` each transformer block in place (state-dict keys
+  unchanged, so checkpoints load either way).
+
+Transformer blocks are the project's ``diffusion.blocks.Block`` (FlexTok, the latent
+generator) and timm's ViT ``Block`` (FQGAN's adapters and heads). The module
+(``training.module.TokenizerModule``) applies them from its config keys; the benchmark
+(``python -m benchmarks``) measures each one on and off.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def transformer_block_types() -> tuple[type, ...]:
+    from diffusion.blocks import Block
+
+    types: list[type] = [Block]
+    try:
+        from timm.models.vision_transformer import Block as TimmBlock
+
+        types.append(TimmBlock)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return tuple(types)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    types = transformer_block_types()
+    return [m for m in model.modules() if isinstance(m, types)]
+
+
+def has_convolutions(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """NHWC memory format for every 4-d parameter and buffer (in place; returns ``model``)."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def images_channels_last(images: Tensor) -> Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
+
+
+class _CheckpointedForward:
+    """Replaces a block's ``forward``: recompute in backward while training with grad.
+
+    A picklable, deep-copyable callable holding the block (an EMA ``deepcopy`` gets a copy
+    bound to the copied block through the memo)."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __call__(self, *args, **kwargs):
+        block = self.block
+        original = type(block).forward
+        if block.training and torch.is_grad_enabled():
+            return checkpoint(original, block, *args, use_reentrant=False, **kwargs)
+        return original(block, *args, **kwargs)
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Activation checkpointing on every transformer block of ``model``; returns how many."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.forward = _CheckpointedForward(block)
+    return len(blocks)
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+    """``torch.compile`` every transformer block in place; returns how many."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
+
+
+def accelerate(model: nn.Module, channels_last: bool = False, activation_checkpointing: bool = False,
+               compile: bool = False) -> dict[str, int | bool]:
+    """Apply the switches to ``model`` in place; returns what was applied (for the log)."""
+    applied: dict[str, int | bool] = {}
+    if channels_last:
+        if has_convolutions(model):
+            to_channels_last(model)
+            applied["channels_last"] = True
+        else:
+            log.info("channels_last: %s has no 2D convolutions; left as is.", type(model).__name__)
+    if activation_checkpointing:
+        applied["checkpointed_blocks"] = checkpoint_blocks(model)
+    if compile:
+        applied["compiled_blocks"] = compile_blocks(model)
+    return applied
