@@ -17,4 +17,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    from training.preflight import check_overrides  # unknown keys: the closest real one, in a second
+
+    check_overrides(Path(__file__).resolve().parent / "conf" / "evaluate", "evaluate", sys.argv[1:])
     main()
