@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,12 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ValueError("Nothing to evaluate. Fix: pass checkpoints=[run_a/checkpoints/last.ckpt,...] "
                          "(run directories and released checkpoints pretrained:<name>:<path> work too) "
                          "and/or generators=[...].")
+    out = Path(cfg.out)
+    if (out / "report.md").exists() and not cfg.get("overwrite", False):
+        raise FileExistsError(f"out={out} already holds a report (report.md). Fix: out=<a new folder>, or "
+                              "overwrite=true to replace it.")
     fabric = launch(cfg)
     device = fabric.device
-    out = Path(cfg.out)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
     settings = settings_from(cfg)
@@ -141,17 +145,22 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 
     grid_inputs = first_images(validation_batches(datamodule, limit), int(cfg.grid_images)) if is_main() else None
     results, grid_rows, names, samples = [], [], set(), []
-    for checkpoint in checkpoints:
+    for checkpoint in progress(checkpoints, "checkpoints", unit="ckpt"):
         try:
             tokenizer, saved_cfg = load_tokenizer(checkpoint, ema=bool(cfg.ema))
         except Exception as error:  # truncated, not a checkpoint, weights not matching its config
-            failed[checkpoint] = f"cannot be loaded ({type(error).__name__}: {str(error).splitlines()[0][:300]})"
+            reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+            unreadable = isinstance(error, (OSError, EOFError, pickle.UnpicklingError)) or "Stream" in reason
+            failed[checkpoint] = f"cannot be loaded ({reason})" + (
+                "; the file is truncated or not a checkpoint: copy it again" if unreadable else "")
             log.error("Skipping %s: %s", checkpoint, failed[checkpoint])
             continue
         name = run_name(saved_cfg, checkpoint, names)
         log.info("Evaluating %s (%s) on %s", name, type(tokenizer).__name__, device)
+        batches = validation_batches(datamodule, limit)
         result = evaluate_tokenizer(
-            tokenizer, validation_batches(datamodule, limit), lpips=lpips, make_fid=make_fid,
+            tokenizer, progress(batches, name, unit="batch", leave=False, total=_count(batches, limit)),
+            lpips=lpips, make_fid=make_fid,
             settings=settings, device=device,
         )
         trained_at = OmegaConf.select(saved_cfg, "data.resolution", default=None)
@@ -208,21 +217,20 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
     report.write_csv(results, out / "report.csv")
     files = {"reconstructions": "reconstructions.png", "rate-distortion": "rate_distortion.png",
              "DCT spectra": "spectra.png"}
-    plots.reconstruction_grid(grid_inputs, grid_rows, out / files["reconstructions"])
-    plots.rate_distortion(results, out / files["rate-distortion"])
-    plots.spectra(results, out / files["DCT spectra"])
-    if plots.codebook_usage(results, out / "codebook_usage.png"):
+    note = smoke_note(cfg, results)  # written on every plot too
+    plots.reconstruction_grid(grid_inputs, grid_rows, out / files["reconstructions"], note)
+    plots.rate_distortion(results, out / files["rate-distortion"], note)
+    plots.spectra(results, out / files["DCT spectra"], note)
+    if plots.codebook_usage(results, out / "codebook_usage.png", note):
         files["codebook usage"] = "codebook_usage.png"
     if samples:
         from evaluation.generation import plot_gfid_against_tokens
 
-        plots.image_rows(samples, out / "generated_samples.png")
+        plots.image_rows(samples, out / "generated_samples.png", note)
         files["generated samples (gFID)"] = "generated_samples.png"
         if plot_gfid_against_tokens(results, out / "gfid_tokens.png"):
             files["gFID against token count"] = "gfid_tokens.png"
-    notes = []
-    if bool(cfg.metrics.fid.random_features) or any("RANDOM" in r["conventions"]["LPIPS"] for r in results):
-        notes.append("**SMOKE RUN**: random feature networks; rFID / LPIPS values only check the pipeline.")
+    notes = [f"**{note}**"] if note else []
     for r in results:
         if r.get("trained_resolution") is not None and int(r["trained_resolution"]) != int(cfg.data.resolution):
             notes.append(f"`{r['run']}` was trained at {r['trained_resolution']} px and evaluated at "
@@ -235,6 +243,27 @@ def write_outputs(results: list[dict], out: Path, grid_inputs, grid_rows, cfg: D
     log_to_wandb(results, out, files, cfg)
     log.info("Report: %s", out / "report.md")
     return files
+
+
+def progress(iterable, desc: str, **kwargs):
+    """A progress bar on rank 0 (stderr), nothing on the other ranks."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, disable=not is_main(), dynamic_ncols=True, **kwargs)
+
+
+def _count(batches, limit: int | None) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:  # islice(limit_batches)
+        return int(limit) if limit else None
+
+
+def smoke_note(cfg: DictConfig, results: list[dict]) -> str | None:
+    """The warning a report made with random feature networks carries (debug=smoke)."""
+    if bool(cfg.metrics.fid.random_features) or any("RANDOM" in r["conventions"]["LPIPS"] for r in results):
+        return "SMOKE RUN: random feature networks; rFID / LPIPS values only check the pipeline."
+    return None
 
 
 def log_to_wandb(results: list[dict], out: Path, files: dict[str, str], cfg: DictConfig) -> None:

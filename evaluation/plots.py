@@ -11,18 +11,29 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def _finish(fig, path: str | Path, note: str | None) -> None:
+    """Save and close; ``note`` (e.g. random feature networks under debug=smoke) is written
+    on the figure itself, so the picture cannot be mistaken for a result when seen alone."""
+    if note:
+        fig.subplots_adjust(bottom=0.2)
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=9, color="red", wrap=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _label(result: dict, row: dict | None = None) -> str:
     if row is not None and result["facts"].get("variable_length"):
         return f"{result['run']} ({row['num_tokens']} tok)"
     return result["run"]
 
 
-def reconstruction_grid(inputs: torch.Tensor, reconstructions: list[tuple[str, torch.Tensor]], path: str | Path) -> None:
+def reconstruction_grid(inputs: torch.Tensor, reconstructions: list[tuple[str, torch.Tensor]], path: str | Path,
+                        note: str | None = None) -> None:
     """Rows: the inputs, then each tokenizer's reconstruction of the same inputs."""
-    image_rows([("input", inputs)] + list(reconstructions), path)
+    image_rows([("input", inputs)] + list(reconstructions), path, note)
 
 
-def image_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path) -> None:
+def image_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path, note: str | None = None) -> None:
     """One labelled row of images in [-1, 1] per entry (same count per row)."""
     n = max(images.shape[0] for _, images in rows)
     fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n + 1.6, 1.3 * len(rows)), squeeze=False)
@@ -37,11 +48,10 @@ def image_rows(rows: list[tuple[str, torch.Tensor]], path: str | Path) -> None:
             if j == 0:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, path, note)
 
 
-def rate_distortion(results: list[dict], path: str | Path) -> None:
+def rate_distortion(results: list[dict], path: str | Path, note: str | None = None) -> None:
     """Bits per image against PSNR and rFID; continuous tokenizers (no bit count) are
     drawn as horizontal dashed lines."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -62,11 +72,10 @@ def rate_distortion(results: list[dict], path: str | Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, path, note)
 
 
-def spectra(results: list[dict], path: str | Path) -> None:
+def spectra(results: list[dict], path: str | Path, note: str | None = None) -> None:
     """Fraction of DCT energy per radial band of each tokenizer's latents, images as reference."""
     fig, ax = plt.subplots(figsize=(6, 4))
     if results:
@@ -85,11 +94,10 @@ def spectra(results: list[dict], path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, path, note)
 
 
-def codebook_usage(results: list[dict], path: str | Path) -> bool:
+def codebook_usage(results: list[dict], path: str | Path, note: str | None = None) -> bool:
     """Per codebook: code frequencies sorted from most to least used (a flat curve is an
     evenly used codebook; the drop to zero marks dead codes). False when nothing is discrete."""
     panels = []
@@ -113,6 +121,5 @@ def codebook_usage(results: list[dict], path: str | Path) -> bool:
         ax.set_xlabel("codes, most to least used")
         ax.set_ylabel("frequency")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, path, note)
     return True

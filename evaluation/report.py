@@ -108,8 +108,30 @@ def table(results: list[dict]) -> tuple[list[str], list[list[Any]]]:
     return [c[0] for c in cols], lines
 
 
+def shown_path(path: str | None) -> str | None:
+    """A path as the report shows it: relative to the working directory (the repository root)
+    when inside it, so a committed report holds no machine's absolute paths."""
+    if not path or str(path).startswith("pretrained:"):
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def portable(result: dict) -> dict:
+    """``result`` with its checkpoint paths as ``shown_path`` gives them."""
+    result = dict(result)
+    result["checkpoint"] = shown_path(result.get("checkpoint"))
+    if isinstance(result.get("source"), dict) and result["source"].get("file"):
+        result["source"] = {**result["source"], "file": shown_path(result["source"]["file"])}
+    if isinstance(result.get("generation"), dict) and result["generation"].get("checkpoint"):
+        result["generation"] = {**result["generation"], "checkpoint": shown_path(result["generation"]["checkpoint"])}
+    return result
+
+
 def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2, allow_nan=True))
+    Path(path).write_text(json.dumps(portable(result), indent=2, allow_nan=True))
 
 
 def write_csv(results: list[dict], path: str | Path) -> None:
@@ -137,7 +159,7 @@ def write_markdown(results: list[dict], path: str | Path, plots: dict[str, str],
     lines += [f"- **{k}**: {v}" for k, v in conventions.items()]
     lines += [f"- {n}" for n in notes]
     lines += ["", "## Checkpoints", ""]
-    for r in results:
+    for r in map(portable, results):
         lines.append(f"- `{r['run']}`: {r['checkpoint']} ({r['facts']['family']}, "
                      f"{'discrete' if r['facts']['discrete'] else 'continuous'}, codebooks "
                      f"{r['facts']['codebook_sizes'] or NOT_APPLICABLE}, token grid {_shape(r['facts']['token_shape'])})")

@@ -129,3 +129,36 @@ def test_a_non_finite_discriminator_loss_is_skipped_counted_and_leaves_its_stati
     after = gan.discriminator.state_dict()  # the last step was the bad one: the discriminator is as before it
     assert all(torch.equal(after[k], v) for k, v in gan.before_bad.items())
     assert non_finite_tensors(dict(module.state_dict())) == []
+
+
+class NaNAtIndex(torch.utils.data.Dataset):
+    """16 random images; image ``bad`` is NaN. Lightning's DistributedSampler (no shuffle)
+    gives rank r the indices r, r + 2, ...: with batch size 1, only rank 1 meets it, at step 2."""
+
+    def __init__(self, bad: int = 5):
+        self.images, self.bad = torch.rand(16, 3, 16, 16) * 2 - 1, bad
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        image = torch.full_like(self.images[i], float("nan")) if i == self.bad else self.images[i]
+        return image, 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_under_ddp_a_non_finite_loss_on_one_rank_makes_every_rank_skip_that_step(tmp_path):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from inprocess import tiny_module
+
+    module = tiny_module()
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn_find_unused_parameters_true", max_steps=4,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(NaNAtIndex(), batch_size=1))  # a rank skipping alone would hang or desync
+    # rank 0's state (ddp_spawn copies it back): it skipped rank 1's bad step too, and only that one
+    assert int(module.nonfinite_skipped) == 1 and int(module.ema.num_updates) == 3
+    assert non_finite_tensors(dict(module.state_dict())) == []

@@ -213,3 +213,50 @@ def test_cosine_term_is_per_position_along_channels():
     module = LatentFlowModule(ScaledTarget(), optimizer=partial(torch.optim.SGD, lr=0.1), cosine_weight=1.0)
     _, logs = module.loss((x0, torch.tensor([0, 1])))
     assert logs["cosine"] < 1e-5 and logs["mse"] > 1e-2
+
+
+def test_sequence_training_counts_only_each_samples_kept_prefix(monkeypatch):
+    """train_lengths (FlexTok's nested-dropout lengths): the loss of a sample with k kept
+    tokens ignores its tokens from position k on, and counts every token before it."""
+    from functools import partial
+
+    from diffusion.ar import ClassConditionalAR
+    from training.generator_module import TokenARModule
+
+    torch.manual_seed(0)
+    model = ClassConditionalAR((13,), (8,), num_classes=3, hidden=32, depth=1, heads=2, class_dropout=0.0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    module = TokenARModule(model, optimizer=partial(torch.optim.SGD, lr=0.1), train_lengths="pow2")
+    monkeypatch.setattr("tokenizers.flextok.sample_keep_counts", lambda b, n, mode, device=None: torch.tensor([3, 5]))
+    tokens, y = torch.randint(13, (2, 1, 8)), torch.tensor([0, 2])
+    base = module.loss((tokens, y))[0]
+    after = tokens.clone()
+    after[0, :, 3:], after[1, :, 5:] = (after[0, :, 3:] + 1) % 13, (after[1, :, 5:] + 1) % 13
+    assert torch.allclose(module.loss((after, y))[0], base, atol=1e-6)
+    after[1, :, 4] = (after[1, :, 4] + 1) % 13
+    assert not torch.allclose(module.loss((after, y))[0], base, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_generator_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    ckpt = tiny_tokenizer_checkpoint(tmp_path / "tok.ckpt")
+
+    def config(steps: int):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose("train", overrides=[
+                "experiment=generator", "debug=smoke", "data=synthetic", "data.resolution=16", "data.num_train=12",
+                f"generator.tokenizer_ckpt={ckpt}", f"paths.output_dir={tmp_path / 'gen'}",
+                f"paths.cache_dir={tmp_path / 'cache'}", f"trainer.max_steps={steps}", "logger=none"])
+
+    from training.generator_module import TokenARModule
+
+    fit_generator(config(2))
+    steps_taken = []
+    original = TokenARModule.loss
+    monkeypatch.setattr(TokenARModule, "loss", lambda self, batch: steps_taken.append(1) or original(self, batch))
+    fit_generator(config(4))  # resume=auto: the same run directory continues from step 2
+    module, _ = load_generator(tmp_path / "gen" / "checkpoints" / "last.ckpt")
+    assert len(steps_taken) == 2  # only the missing steps were trained
+    assert module.facts["global_step"] == 4 and int(module.ema.num_updates) == 4

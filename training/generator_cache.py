@@ -149,7 +149,12 @@ class TokenCache(pl.LightningDataModule):
         pending: list[tuple[Tensor, Tensor]] = []
         batches = training_split_once(self.image_data, self.limit_batches)
         chunk = 0
-        for i, (images, labels) in enumerate(labelled(batches)):
+        from tqdm import tqdm
+
+        total = self.limit_batches or getattr(batches, "__len__", lambda: None)()
+        bar = tqdm(labelled(batches), total=total, desc="Encoding the training split (cache)", unit="batch",
+                   disable=rank != 0, dynamic_ncols=True)  # minutes at ImageNet scale: show progress
+        for i, (images, labels) in enumerate(bar):
             target = mine / f"chunk{i // self.chunk_batches:06d}.pt"
             chunk = i // self.chunk_batches
             if target.is_file():

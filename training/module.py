@@ -248,13 +248,15 @@ class TokenizerModule(pl.LightningModule):
         opt_g.step()  # no gradients -> Adam leaves parameters unchanged
 
     def _check_finite(self, total: Tensor, losses: dict[str, Tensor], part: str = "tokenizer") -> bool:
-        if torch.isfinite(total):
+        # one decision for all ranks: a rank that skipped its backward while the others
+        # all-reduce theirs would hang the job (no-op on one device)
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total)), all=True):
             self._consecutive_nonfinite[part] = 0
             return True
         self.nonfinite_skipped += 1
         self._consecutive_nonfinite[part] += 1
         streak = self._consecutive_nonfinite[part]
-        bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["gradients"]
+        bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["gradients, or another rank's loss"]
         log.warning("Non-finite %s loss at step %d (terms: %s); step skipped (%d in a row).", part, self.global_step,
                     ", ".join(bad), streak)
         if streak >= self.max_consecutive_nonfinite:

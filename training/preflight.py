@@ -509,7 +509,7 @@ def _did_you_mean(config_dir, config_name: str, overrides: list[str], exc: Excep
     closest = _closest(key, candidates)
     hint = f"Did you mean {closest}?" if closest else "No similar key exists."
     return (f"Unknown config key '{key}'. {hint}\n"
-            f"`python train.py --cfg job` prints every key; to add a new key on purpose write +{key}={value}.")
+            f"`python {config_name}.py --cfg job` prints every key; to add a new key on purpose write +{key}={value}.")
 
 
 def _walk_keys(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:

@@ -49,7 +49,8 @@ class RunProgressBar(TQDMProgressBar):
         step = trainer.global_step
         if bar is None or not self.is_enabled:
             return
-        if step % self.refresh_rate == 0 or step == bar.total:
+        every = min(self.refresh_rate, max(1, (bar.total or 0) // 50))  # short runs: every step
+        if step % every == 0 or step == bar.total:
             bar.update(step - bar.n)  # update() (not n=) feeds tqdm's smoothed rate
             bar.set_postfix(self.get_metrics(trainer, pl_module))
 
@@ -116,7 +117,9 @@ class RunSummary(pl.Callback):
         lines.append("Data: " + self._describe_data(trainer, config))
         threads = torch.get_num_threads()
         device = trainer.strategy.root_device
-        every = f", validation every {trainer.val_check_interval} steps" if trainer.val_check_batch else ""
+        interval, limit = trainer.val_check_interval, trainer.limit_val_batches
+        every = (f", validation every {interval} steps" if isinstance(interval, int) and limit
+                 else f", validation every {interval:g} of an epoch" if limit else ", no validation")
         lines.append(f"Steps: {trainer.max_steps}{every}; device: {trainer.world_size} x {device.type}"
                      + (f" ({threads} intra-op thread(s) per process)" if device.type == "cpu" else ""))
         lines.append(f"Run directory: {trainer.default_root_dir}")
