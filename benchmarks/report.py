@@ -105,7 +105,7 @@ def _measurement_table(ms: list[Measurement]) -> list[str]:
             status = f"{status}: {r.get('error', '')}"[:90]
         else:
             status = f"ok ({r.get('repeats_ok')}x)"
-        lines.append(f"| {m.name} | {m.impl} | {_num(r.get('seconds'), 3)} | {_num(r.get('images_per_s'), 1)} | "
+        lines.append(f"| {m.name} | {m.impl} | {_num(r.get('seconds'), 3)} | {_num(r.get('images_per_s'), 2)} | "
                      f"{_num(r.get('peak_rss_mib'), 0)} | {_num(r.get('above_baseline_mib'), 0)} | {status} |")
     return lines
 
