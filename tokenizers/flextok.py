@@ -36,7 +36,8 @@ The VAE is held OUTSIDE the module tree (``FrozenLatentCodec``): it is not train
 in the optimizer, not copied into the EMA model and not saved in FlexTok checkpoints;
 ``vae_ckpt`` (saved in the run config) is read again whenever the tokenizer is rebuilt,
 so keep that file. Without ``vae_ckpt`` a parameter-free pixel-unshuffle stand-in is
-used, only if ``allow_stand_in=true`` (debug=smoke sets it), with a warning.
+used, only if ``allow_stand_in=true`` (debug=smoke sets it), with a warning. ``vae=`` takes
+a built VAE instead (``load_pretrained`` passes the released one).
 
 The REPA teacher is likewise held outside the module tree (``TeacherHandle``); besides a
 teacher spec mapping ({name, weights, random}) the constructor accepts any frozen
