@@ -5,19 +5,24 @@
 
 Configuration: conf/evaluate/evaluate.yaml. The work happens in ``evaluation.main``.
 """
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf/evaluate", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from evaluation.main import main as run
+    from evaluation.main import CheckpointsNotEvaluated, main as run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except CheckpointsNotEvaluated as error:  # the others' report is written; name the bad ones, no traceback
+        sys.stderr.write(f"Error: {error}\n")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    import sys
     from pathlib import Path
 
     from training.preflight import check_overrides  # unknown keys: the closest real one, in a second

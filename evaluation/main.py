@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,10 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         try:
             tokenizer, saved_cfg = load_tokenizer(checkpoint, ema=bool(cfg.ema))
         except Exception as error:  # truncated, not a checkpoint, weights not matching its config
-            failed[checkpoint] = f"cannot be loaded ({type(error).__name__}: {str(error).splitlines()[0][:300]})"
+            reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+            unreadable = isinstance(error, (OSError, EOFError, pickle.UnpicklingError)) or "Stream" in reason
+            failed[checkpoint] = f"cannot be loaded ({reason})" + (
+                "; the file is truncated or not a checkpoint: copy it again" if unreadable else "")
             log.error("Skipping %s: %s", checkpoint, failed[checkpoint])
             continue
         name = run_name(saved_cfg, checkpoint, names)

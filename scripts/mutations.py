@@ -3,6 +3,7 @@
     python scripts/mutations.py                    # every mutation, its own test selection
     python scripts/mutations.py --only ema_not_restored,ssim_ones
     python scripts/mutations.py --list
+    python scripts/mutations.py --check            # only report mutations whose text has moved
     python scripts/mutations.py --tests tests      # run the whole fast suite for each one
 
 Each mutation replaces one exact piece of source text (it must occur exactly once) in a
@@ -88,6 +89,10 @@ MUTATIONS = [
              "    return torch.ones(prediction.shape[0], dtype=torch.float64)", [E]),
     Mutation("validation_raw_weights", "validation uses the raw weights instead of the EMA copy",
              "training/module.py", "        model = self.eval_tokenizer\n", "        model = self.tokenizer\n", [E]),
+    Mutation("validation_counts_padding", "validation scores the padding rows too", "training/module.py",
+             "        if len(batch) > 1 and (batch[1] < 0).any():", "        if False:", [E]),
+    Mutation("grid_raw_weights", "image grids drawn with the raw weights", "training/callbacks.py",
+             "        model = pl_module.eval_tokenizer\n", "        model = pl_module.tokenizer\n", [E]),
     Mutation("ckpt_path_ignored", "train() resolves ckpt_path but fits from scratch",
              "training/run.py", "trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)",
              "trainer.fit(module, datamodule=datamodule, ckpt_path=None)", [R]),
@@ -128,8 +133,7 @@ MUTATIONS = [
              "        self.disc_optimizer_factory = disc_optimizer or optimizer",
              "        self.disc_optimizer_factory = optimizer", [P]),
     Mutation("no_grad_clip", "tokenizer gradients not clipped", "training/module.py",
-             "                self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm=\"norm\")\n",
-             "                pass\n", [P]),
+             "                self._clip(opt_g, self.grad_clip)\n", "                pass\n", [P]),
     Mutation("disc_start_ignored", "GAN terms active from step 0", "tokenizers/gan.py",
              "        return step >= self.disc_start", "        return True", [P, L, "tests/test_module.py"]),
     Mutation("hinge_fake_sign", "hinge discriminator loss with the wrong sign on fakes", "tokenizers/gan.py",
@@ -187,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated mutation names")
     parser.add_argument("--tests", nargs="*", help="run these tests for every mutation instead of its own selection")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--check", action="store_true", help="report stale mutations (text moved) and exit")
     parser.add_argument("--baseline", action="store_true", help="first check that the selections pass unmutated")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--out", help="write the results as JSON here")
@@ -199,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
         chosen = [m for m in MUTATIONS if m.name in names]
+    if args.check:
+        stale = [m.name for m in chosen
+                 if not (ROOT / m.file).is_file() or (ROOT / m.file).read_text().count(m.old) != 1]
+        print("stale: " + (", ".join(stale) if stale else "none") + f" ({len(chosen)} checked)")
+        return 1 if stale else 0
     if args.list:
         for m in chosen:
             print(f"{m.name:40s} {m.file:30s} {m.what}")

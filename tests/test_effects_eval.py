@@ -167,6 +167,20 @@ def test_validation_psnr_comes_from_the_ema_weights():
     assert metrics["val/psnr"] == pytest.approx(ema_psnr, abs=1e-4)
 
 
+def test_validation_leaves_out_the_padding_rows():
+    """Rows labelled PADDING_LABEL (-1) keep ranks in step; they are not images of the split."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = _module_with_distinct_ema()
+    x = images(4, 16)
+    real_psnr = _psnr_of(module.ema.module.eval(), x[:2])
+    padded = torch.cat([x[:2], torch.zeros(2, 3, 16, 16)])
+    labels = torch.tensor([0, 0, -1, -1])
+    loader = DataLoader(TensorDataset(padded, labels), batch_size=4)
+    metrics = trainer(1, limit_val_batches=None).validate(module, dataloaders=loader, verbose=False)[0]
+    assert metrics["val/psnr"] == pytest.approx(real_psnr, abs=1e-4)
+
+
 def test_image_grids_show_ema_reconstructions():
     from torchvision.utils import make_grid
 

@@ -33,3 +33,21 @@ def test_a_missing_and_a_truncated_checkpoint_are_named_and_the_good_one_is_stil
     report = (tmp_path / "report" / "report.md").read_text()
     assert "tiny_vq" in report and str(missing) in report and str(truncated) in report
     assert json.loads((tmp_path / "report" / "tiny_vq.json").read_text())["checkpoint"] == str(good.resolve())
+
+
+@pytest.mark.slow
+def test_evaluate_py_names_the_bad_checkpoints_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    good = tiny_tokenizer_checkpoint(tmp_path / "good.ckpt")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    p = subprocess.run(
+        [sys.executable, "evaluate.py", "debug=smoke", "data.resolution=16", f"checkpoints=[{good},{truncated}]",
+         f"out={tmp_path / 'report'}", f"hydra.run.dir={tmp_path / 'eval'}", "limit_batches=1", "grid_images=2",
+         "logger={}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1
+    assert f"{truncated}: cannot be loaded" in p.stderr and "truncated or not a checkpoint" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert (tmp_path / "report" / "tiny_vq.json").is_file()
