@@ -149,6 +149,13 @@ MUTATIONS = [
     Mutation("repa_detached", "REPA features detached from the decoder", "tokenizers/flextok.py",
              "repa_alignment(self.repa_projector(features), target)",
              "repa_alignment(self.repa_projector(features.detach()), target)", [L]),
+    Mutation("pixel_distance_ignored", "loss.pixel=l1 still trains with MSE", "tokenizers/losses.py",
+             '        dist = F.l1_loss if self.pixel == "l1" else F.mse_loss', "        dist = F.mse_loss", [L]),
+    Mutation("perceptual_weight_ignored", "LPIPS term without its weight", "tokenizers/losses.py",
+             '            terms["perceptual"] = self.perceptual_weight * self.perceptual(recon, target).mean()',
+             '            terms["perceptual"] = self.perceptual(recon, target).mean()', [L]),
+    Mutation("gan_weight_ignored", "constant GAN weight (disc_weight) not applied", "training/module.py",
+             '                losses["gan"] = self.gan.disc_weight * g', '                losses["gan"] = g', [L]),
     # -- data -------------------------------------------------------------------------------------
     Mutation("no_flip", "training transform never flips", "data/transforms.py",
              "        if self.flip and random.random() < 0.5:", "        if False:", [D]),
