@@ -22,10 +22,10 @@ def shard_root(tmp_path_factory):
     return root
 
 
-def _order(root, seed, workers=0, rank=0, world_size=1, epochs=2):
+def _order(root, seed, workers=0, rank=0, world_size=1, epochs=2, buffer=8):
     random.seed(1234)  # the crop / flip randomness, as seed_everything would set it
     dm = WebDatasetDataModule(root, val_shards=None, resolution=8, batch_size=4, num_workers=workers,
-                              train_batches_per_epoch=5, shuffle_buffer=8, shuffle_seed=seed,
+                              train_batches_per_epoch=5, shuffle_buffer=buffer, shuffle_seed=seed,
                               rank=rank, world_size=world_size, pin_memory=False)
     loader = dm.train_dataloader()
     return [labels.tolist() for _ in range(epochs) for _, labels in loader]
@@ -37,6 +37,11 @@ def test_same_seed_same_order(shard_root):
 
 def test_another_seed_another_order(shard_root):
     assert _order(shard_root, seed=3) != _order(shard_root, seed=4)
+
+
+def test_the_seed_draws_the_shards(shard_root):
+    # a one-sample buffer keeps the stream's order: what differs is which shards were drawn
+    assert _order(shard_root, seed=3, buffer=1) != _order(shard_root, seed=4, buffer=1)
 
 
 def test_same_seed_same_order_with_workers(shard_root):

@@ -236,3 +236,27 @@ def test_sequence_training_counts_only_each_samples_kept_prefix(monkeypatch):
     assert torch.allclose(module.loss((after, y))[0], base, atol=1e-6)
     after[1, :, 4] = (after[1, :, 4] + 1) % 13
     assert not torch.allclose(module.loss((after, y))[0], base, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_generator_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    ckpt = tiny_tokenizer_checkpoint(tmp_path / "tok.ckpt")
+
+    def config(steps: int):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose("train", overrides=[
+                "experiment=generator", "debug=smoke", "data=synthetic", "data.resolution=16", "data.num_train=12",
+                f"generator.tokenizer_ckpt={ckpt}", f"paths.output_dir={tmp_path / 'gen'}",
+                f"paths.cache_dir={tmp_path / 'cache'}", f"trainer.max_steps={steps}", "logger=none"])
+
+    from training.generator_module import TokenARModule
+
+    fit_generator(config(2))
+    steps_taken = []
+    original = TokenARModule.loss
+    monkeypatch.setattr(TokenARModule, "loss", lambda self, batch: steps_taken.append(1) or original(self, batch))
+    fit_generator(config(4))  # resume=auto: the same run directory continues from step 2
+    module, _ = load_generator(tmp_path / "gen" / "checkpoints" / "last.ckpt")
+    assert len(steps_taken) == 2  # only the missing steps were trained
+    assert module.facts["global_step"] == 4 and int(module.ema.num_updates) == 4

@@ -124,3 +124,15 @@ def test_bad_command_fails_in_seconds_without_traceback_or_run_dir(tmp_path):
     assert "Traceback" not in p.stderr
     assert not run.exists()
     assert elapsed < 5, f"{elapsed:.1f} CPU s from the command to its error"
+
+
+def test_debug_flag_shows_the_traceback_instead(monkeypatch, tmp_path):
+    from training.preflight import fail
+
+    monkeypatch.setenv("TOKBENCH_DEBUG", "1")
+    with pytest.raises(ConfigError, match="the message"):
+        fail(ConfigError("the message"), tmp_path / "absent")
+    monkeypatch.delenv("TOKBENCH_DEBUG")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit):
+        fail(ConfigError("the message"), tmp_path / "absent")
