@@ -8,17 +8,8 @@
    tokenizer: token indices for discrete tokenizers, latents (+ per-channel statistics) for
    continuous ones.
 2. ``diffusion.samplers.choose_family`` picks the generator from the tokenizer's contract facts
-   (``generator.family=auto``; any family name overrides it):
-
-   ===============  =================================================  ===================================
-   family           chosen when                                        model
-   ===============  =================================================  ===================================
-   raster_ar        discrete, one codebook, 2D token map (VQGAN)       LlamaGen c2i GPT, raster order
-   factorized_ar    discrete, K > 1 codebooks per position (FQGAN)     FQGAN's FAR: GPT + AR head
-   sequence_ar      discrete, 1D ordered tokens (FlexTok)              GPT over the sequence, 1D RoPE
-   latent_dit       continuous latents (VAE, VA-VAE)                   LightningDiT-style flow model
-   ===============  =================================================  ===================================
-
+   (``generator.family=auto``; any family name overrides it; the table of families is in
+   ``diffusion.samplers``).
    Each family's model, optimizer, EMA and sampling settings live in
    ``generator.families.<family>`` (``conf/generator/default.yaml``).
 3. ``TokenARModule`` trains the AR families with cross-entropy (mean over codebooks);
