@@ -122,7 +122,7 @@ MUTATIONS = [
     # -- loop -------------------------------------------------------------------------------------
     Mutation("adaptive_weight_unclamped", "adaptive weight not clamped to max_weight", "training/module.py",
              ".clamp(0.0, max_weight).detach()", ".clamp(min=0.0).detach()", [L, "tests/test_module.py", "tests/test_vae.py"]),
-    Mutation("ema_decay_ignored", "EMA warm-up only, the configured decay ignored", "training/ema.py",
+    Mutation("ema_decay_ignored", "EMA warm-up only, the configured decay ignored", "common/ema.py",
              "        d = min(self.decay, (1 + n) / (10 + n))", "        d = (1 + n) / (10 + n)", [P]),
     Mutation("ema_not_updated", "EMA never updated after a step", "training/module.py",
              "            self.ema.update(self.tokenizer)\n", "            pass\n", [P, E, "tests/test_module.py"]),
