@@ -4,7 +4,7 @@ Built like LlamaGen's c2i GPT: the class embedding is the first (prefix) token, 
 a learned null class with probability ``class_dropout`` in training (classifier-free
 guidance); pre-norm causal transformer with RMSNorm, SwiGLU and rotary positions; KV cache
 for sampling; temperature, top-k, top-p and CFG on logits. One class, three shapes, set by
-the tokenizer's facts (``training.generator_module.choose_family``), not by its name:
+the tokenizer's facts (``diffusion.samplers.choose_family``), not by its name:
 
 - ``vocab_sizes=(V,)``, ``positions=(h, w)``: raster order over one index map, 2D RoPE
   (LlamaGen on VQGAN tokens);

@@ -11,9 +11,10 @@ Sampling: ``euler_sample`` integrates from t = 1 (pure noise) down to t = 0 (dat
 ``x_{t'} = x_t + (t' - t) * v(x_t, t)``. An optional time shift (SD3-style,
 ``t -> s t / (1 + (s - 1) t)``, s > 1 spends more steps near the noise end) and
 classifier-free guidance ``u + s (c - u)`` on ALL channels (LightningDiT guides only
-the first 3 channels, a DiT leftover we do not copy), applied only while t lies inside
-``guidance_interval = (t_low, t_high)``; outside it the conditional prediction is used.
-Setting ``t_high < 1`` switches guidance off at the high-noise end.
+the first 3 channels, a DiT leftover: ``LatentDiT.sample(guided_channels=3)``), applied
+only while t lies inside ``guidance_interval = (t_low, t_high)``; outside it the
+conditional prediction is used. Setting ``t_high < 1`` switches guidance off at the
+high-noise end.
 
 ``NormGuidance`` is the adaptive projected guidance (APG, Sadat et al. 2024,
 arXiv:2410.02416) FlexTok's reference decodes with: the guidance direction ``c - u`` is

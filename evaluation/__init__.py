@@ -2,6 +2,6 @@
 
 `metrics` (per-image and split-level metrics), `distributed` (rank helpers),
 `runner` (one pass over the validation split for one tokenizer), `report` (JSON,
-CSV, Markdown), `plots` (PNG figures), `generation` (latent generator sampling and
-gFID), `main` (what `evaluate.py` calls).
+CSV, Markdown), `plots` (PNG figures), `generation` (generator sampling, gFID and IS
+per generator), `main` (what `evaluate.py` calls).
 """

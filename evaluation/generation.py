@@ -1,4 +1,4 @@
-"""gFID (and Inception Score) of a generator (``training.generator_module``): class-conditional
+"""gFID (and Inception Score) of a generator (``diffusion.samplers``): class-conditional
 samples with the generator's own sampling settings (its paper's, saved with it; evaluate's
 ``generation.sampling`` overrides them), decoded by the frozen tokenizer, against the
 Inception statistics of the generator's own training split (SPEC.md §8: "FID-50K of
@@ -119,8 +119,8 @@ def evaluate_generator(checkpoint: str, cfg: DictConfig, device: torch.device,
                        make_fid: Callable[[], Any]) -> dict[str, Any]:
     """gFID (+ IS) of one generator checkpoint; every rank returns the same dict.
     ``previews``: (row label, first images) per token count."""
+    from diffusion.samplers import load_generator
     from tokenizers.loading import load_tokenizer
-    from training.generator_module import load_generator
 
     gen_cfg = cfg.generation
     module, saved = load_generator(checkpoint)

@@ -122,7 +122,7 @@ MUTATIONS = [
     # -- loop -------------------------------------------------------------------------------------
     Mutation("adaptive_weight_unclamped", "adaptive weight not clamped to max_weight", "training/module.py",
              ".clamp(0.0, max_weight).detach()", ".clamp(min=0.0).detach()", [L, "tests/test_module.py", "tests/test_vae.py"]),
-    Mutation("ema_decay_ignored", "EMA warm-up only, the configured decay ignored", "training/ema.py",
+    Mutation("ema_decay_ignored", "EMA warm-up only, the configured decay ignored", "common/ema.py",
              "        d = min(self.decay, (1 + n) / (10 + n))", "        d = (1 + n) / (10 + n)", [P]),
     Mutation("ema_not_updated", "EMA never updated after a step", "training/module.py",
              "            self.ema.update(self.tokenizer)\n", "            pass\n", [P, E, "tests/test_module.py"]),
@@ -149,6 +149,13 @@ MUTATIONS = [
     Mutation("repa_detached", "REPA features detached from the decoder", "tokenizers/flextok.py",
              "repa_alignment(self.repa_projector(features), target)",
              "repa_alignment(self.repa_projector(features.detach()), target)", [L]),
+    Mutation("pixel_distance_ignored", "loss.pixel=l1 still trains with MSE", "tokenizers/losses.py",
+             '        dist = F.l1_loss if self.pixel == "l1" else F.mse_loss', "        dist = F.mse_loss", [L]),
+    Mutation("perceptual_weight_ignored", "LPIPS term without its weight", "tokenizers/losses.py",
+             '            terms["perceptual"] = self.perceptual_weight * self.perceptual(recon, target).mean()',
+             '            terms["perceptual"] = self.perceptual(recon, target).mean()', [L]),
+    Mutation("gan_weight_ignored", "constant GAN weight (disc_weight) not applied", "training/module.py",
+             '                losses["gan"] = self.gan.disc_weight * g', '                losses["gan"] = g', [L]),
     # -- data -------------------------------------------------------------------------------------
     Mutation("no_flip", "training transform never flips", "data/transforms.py",
              "        if self.flip and random.random() < 0.5:", "        if False:", [D]),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inprocess import compose_train, images, repeated_batches, tiny_module, train_in_process, trainer
-from training.ema import EMA
+from common.ema import EMA
 
 
 def _built(tmp_path, *overrides):

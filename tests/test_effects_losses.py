@@ -349,3 +349,25 @@ def test_regulariser_terms_reach_encoder_and_decoder_with_their_weight():
         torch.testing.assert_close(doubled, 2 * term)
         reach = grad_norms(term, {"encoder": tok.encoder, "decoder": tok.decoder})
         assert reach["encoder"] > 0 and reach["decoder"] > 0, name
+
+
+# -- the generic reconstruction loss -----------------------------------------------------------------
+class PerImageDistance(nn.Module):
+    """Stand-in for LPIPS (same call: per-image distances), cheap and exact."""
+
+    enabled = True
+
+    def forward(self, x, y):
+        return (x - y).pow(2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("pixel", ["l1", "mse"])
+def test_reconstruction_loss_uses_the_configured_distance_and_weights(pixel):
+    from tokenizers.losses import ReconstructionLoss
+
+    x, y = x_images(seed=0), x_images(seed=1)
+    terms = ReconstructionLoss(pixel=pixel, pixel_weight=0.3, perceptual_weight=0.7, perceptual=PerImageDistance())(x, y)
+    distance = (x - y).abs().mean() if pixel == "l1" else (x - y).pow(2).mean()
+    torch.testing.assert_close(terms["pixel"], 0.3 * distance)
+    torch.testing.assert_close(terms["perceptual"], 0.7 * (x - y).pow(2).flatten(1).sum(1).mean())
+    assert "perceptual" not in ReconstructionLoss(pixel=pixel, perceptual_weight=0.0, perceptual=PerImageDistance())(x, y)

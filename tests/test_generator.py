@@ -1,6 +1,6 @@
 """Claims about the generator pipeline (training/generator_cache.py, training/generator_module.py,
-evaluation/generation.py): encode once (resumably), pick the family from the tokenizer's
-facts, train, sample, gFID."""
+diffusion/samplers.py, evaluation/generation.py): encode once (resumably), pick the family
+from the tokenizer's facts, train, sample, gFID."""
 import json
 from pathlib import Path
 
@@ -10,8 +10,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from training.generator_cache import TokenCache, channel_statistics, contract_tokens, token_sequence
-from training.generator_module import choose_family, fit_generator, load_generator, per_sample_randn, tokenizer_facts
+from diffusion.samplers import choose_family, contract_tokens, load_generator, per_sample_randn, tokenizer_facts
+from training.generator_cache import TokenCache, channel_statistics, token_sequence
+from training.generator_module import fit_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 

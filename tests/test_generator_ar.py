@@ -102,7 +102,7 @@ def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
 
 
 def test_flextok_generator_samples_exactly_k_tokens_the_tokenizer_decodes():
-    from training.generator_cache import contract_tokens
+    from diffusion.samplers import contract_tokens
     from tokenizers.flextok import FlexTok
 
     torch.manual_seed(0)

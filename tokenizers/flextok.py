@@ -8,9 +8,13 @@ Pipeline (training, ``forward``)::
               register outputs -> LayerNorm -> zero-init linear -> 6 values -> FSQ [8,8,8,5,5,5]
     decoder:  [noised latent patches x_t, register tokens (linear 6 -> width + learned
               position)], full attention, adaLN-Zero on t (separate modulation for
-              patches and registers); nested dropout replaces registers >= k by one
+              patches and registers); nested dropout then replaces registers >= k by one
               learned mask token; with probability ``cfg_dropout`` all registers become
-              a learned null token (the unconditional branch for guidance)
+              a learned null token (or zeros) (the unconditional branch for guidance)
+    layout:   as Apple's reference (github.com/apple/ml-flextok), so its released weights
+              load exactly (``tokenizers.pretrained.flextok``): LayerNorm eps 1e-5 without
+              affine (also as QK-norm), no linear biases in the blocks, SwiGLU, attention
+              scale 8 / head_dim, timestep features with max_period 256
     losses:   flow = MSE(v, eps - x0) with x_t = t eps + (1 - t) x0 (t = 0 data, t = 1
               noise: ``diffusion.flow``), t logit-normal; repa = 1 - cos(proj(decoder
               patch features after block ``repa_layer``), teacher patch features resized
@@ -19,8 +23,10 @@ Pipeline (training, ``forward``)::
 ``forward`` returns ``reconstruction=None`` (the loop then skips pixel, perceptual and
 GAN terms) and ``latents=None``. ``encode(images)`` gives (B, R) int64 FSQ indices;
 ``decode(tokens, num_tokens=k, steps, guidance, guidance_interval, shift)`` samples
-images from the first k of them, for any k in 1..R; ``reconstruct_at(images,
-token_counts)`` does it for several k with the same noise (the image-grid callback).
+images from the first k of them, for any k in 1..R (defaults as the reference: 20 Euler
+steps, guidance 7.5 with norm-guided CFG / APG, noise from a generator seeded with
+``decode_seed``); ``reconstruct_at(images, token_counts)`` does it for several k with the
+same noise (the image-grid callback).
 
 ``encode_latents`` / ``decode_latents`` raise NotImplementedError on purpose: FlexTok's
 tokens are a 1D sequence, so latent-space regularisers and the spatial latent generator
@@ -30,7 +36,8 @@ The VAE is held OUTSIDE the module tree (``FrozenLatentCodec``): it is not train
 in the optimizer, not copied into the EMA model and not saved in FlexTok checkpoints;
 ``vae_ckpt`` (saved in the run config) is read again whenever the tokenizer is rebuilt,
 so keep that file. Without ``vae_ckpt`` a parameter-free pixel-unshuffle stand-in is
-used, only if ``allow_stand_in=true`` (debug=smoke sets it), with a warning.
+used, only if ``allow_stand_in=true`` (debug=smoke sets it), with a warning. ``vae=`` takes
+a built VAE instead (``load_pretrained`` passes the released one).
 
 The REPA teacher is likewise held outside the module tree (``TeacherHandle``); besides a
 teacher spec mapping ({name, weights, random}) the constructor accepts any frozen

@@ -3,8 +3,9 @@
 Discrete tokenizers give token indices, stored as ``(N, K, L)`` integers (K codebooks per
 position, L positions in generation order: raster order of an index map, or FlexTok's
 register order); continuous ones give latents ``(N, C, H, W)`` plus per-channel mean / std.
-``token_sequence`` and ``contract_tokens`` convert between a tokenizer's ``encode`` /
-``decode`` format and that layout, from the tokenizer's facts alone.
+``token_sequence`` converts a tokenizer's ``encode`` output to that layout
+(``diffusion.samplers.contract_tokens`` converts back for ``decode``), from the tokenizer's
+facts alone.
 
 Encoding (``TokenCache.setup``): each rank reads its share of the training split (every
 image exactly once across ranks, fixed order, centre crop, no flip) and writes a chunk file
@@ -38,15 +39,6 @@ def token_sequence(tokens: Any) -> Tensor:
     a tuple of K maps (FQGAN branches, in branch order) gives K sub-tokens per position."""
     maps = list(tokens) if isinstance(tokens, (tuple, list)) else [tokens]
     return torch.stack([m.reshape(m.shape[0], -1).long() for m in maps], dim=1)
-
-
-def contract_tokens(sequence: Tensor, token_shape: Sequence[int]) -> Any:
-    """(B, K, L) -> what the tokenizer's ``decode`` reads: one (B, *token_shape) map for
-    K = 1, a tuple of K maps for K > 1; a 1D shape keeps the (possibly shorter) length L."""
-    b, k, n = sequence.shape
-    shape = (n,) if len(token_shape) == 1 else tuple(token_shape)
-    maps = [sequence[:, j].reshape(b, *shape) for j in range(k)]
-    return maps[0] if k == 1 else tuple(maps)
 
 
 def index_dtype(vocab_sizes: Sequence[int]) -> torch.dtype:

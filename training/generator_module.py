@@ -7,18 +7,9 @@
 1. ``training.generator_cache.TokenCache`` encodes the training split once with the frozen
    tokenizer: token indices for discrete tokenizers, latents (+ per-channel statistics) for
    continuous ones.
-2. ``choose_family`` picks the generator from the tokenizer's contract facts
-   (``generator.family=auto``; any family name overrides it):
-
-   ===============  =================================================  ===================================
-   family           chosen when                                        model
-   ===============  =================================================  ===================================
-   raster_ar        discrete, one codebook, 2D token map (VQGAN)       LlamaGen c2i GPT, raster order
-   factorized_ar    discrete, K > 1 codebooks per position (FQGAN)     FQGAN's FAR: GPT + AR head
-   sequence_ar      discrete, 1D ordered tokens (FlexTok)              GPT over the sequence, 1D RoPE
-   latent_dit       continuous latents (VAE, VA-VAE)                   LightningDiT-style flow model
-   ===============  =================================================  ===================================
-
+2. ``diffusion.samplers.choose_family`` picks the generator from the tokenizer's contract facts
+   (``generator.family=auto``; any family name overrides it; the table of families is in
+   ``diffusion.samplers``).
    Each family's model, optimizer, EMA and sampling settings live in
    ``generator.families.<family>`` (``conf/generator/default.yaml``).
 3. ``TokenARModule`` trains the AR families with cross-entropy (mean over codebooks);
@@ -26,14 +17,15 @@
    is trained on every length it will be sampled at. ``LatentFlowModule`` trains the
    LightningDiT-style model with the rectified-flow loss of ``diffusion.flow`` (t = 0 data) plus
    LightningDiT's cosine term. Lightning does the loop, logging, checkpoints and resume as for
-   tokenizers.
-4. ``evaluate.py generators=[<run dir>]`` calls ``module.sample_images`` with the family's
+   tokenizers. Both subclass their family's sampler in ``diffusion.samplers`` (model, EMA,
+   latent statistics, facts, sampling), which owns the checkpoint's state_dict layout.
+4. ``evaluate.py generators=[<run dir>]`` rebuilds the sampler alone
+   (``diffusion.samplers.load_generator``) and calls its ``sample_images`` with the family's
    sampling settings (``evaluation.generation``).
 """
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,77 +37,25 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from diffusion import flow
-from training.ema import EMA
-from training.generator_cache import TokenCache, contract_tokens
+from diffusion.samplers import (GeneratorSampler, LatentFlowSampler, TokenARSampler, build_model, check_family,
+                               choose_family, tokenizer_facts)
+from training.generator_cache import TokenCache
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("raster_ar", "factorized_ar", "sequence_ar", "latent_dit")
-
-
-def sample_seed(seed: int, index: int) -> int:
-    return seed * 1_000_003 + index
-
-
-def per_sample_randn(indices: list[int], shape: tuple[int, ...], seed: int) -> Tensor:
-    """Noise of each sample index from its own generator (independent of batching and ranks)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
-                        for i in indices])
-
-
-def per_sample_rand(indices: list[int], shape: tuple[int, ...], seed: int) -> Tensor:
-    return torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
-                        for i in indices])
-
-
-# -- facts and family ---------------------------------------------------------------------------
-def tokenizer_facts(tokenizer, resolution: int) -> dict[str, Any]:
-    """What a generator needs to know about its tokenizer, from the contract alone."""
-    facts: dict[str, Any] = {"discrete": bool(tokenizer.discrete), "resolution": int(resolution),
-                             "token_shape": list(tokenizer.token_shape(resolution))}
-    if tokenizer.discrete:
-        facts["vocab_sizes"] = [int(v) for v in tokenizer.codebook_sizes]
-    else:
-        facts["latent_shape"] = list(tokenizer.latent_shape(resolution))
-    return facts
-
-
-def choose_family(facts: dict[str, Any]) -> str:
-    """The generator family that fits the tokenizer (the table in the module doc)."""
-    if not facts["discrete"]:
-        return "latent_dit"
-    if len(facts["vocab_sizes"]) > 1:
-        return "factorized_ar"
-    return "sequence_ar" if len(facts["token_shape"]) == 1 else "raster_ar"
-
-
-def check_family(family: str, facts: dict[str, Any]) -> None:
-    ar = family != "latent_dit"
-    if family not in FAMILIES:
-        raise ValueError(f"generator.family={family!r} is not known; use auto or one of {FAMILIES}.")
-    if ar != facts["discrete"]:
-        kind = "discrete tokens" if facts["discrete"] else "continuous latents"
-        raise ValueError(f"generator.family={family} does not fit a tokenizer with {kind}. "
-                         f"Fix: generator.family=auto (here: {choose_family(facts)}).")
-    if family == "latent_dit" and facts["latent_shape"][1] != facts["latent_shape"][2]:
-        raise ValueError(f"latent_dit needs square latents, the tokenizer gives {facts['latent_shape']}.")
-
 
 # -- modules ---------------------------------------------------------------------------------------
-class GeneratorModule(pl.LightningModule):
-    """What every family shares: the model, its EMA copy (sampled by evaluate.py), AdamW with
-    weight decay on matrices only, gradient clipping and the facts saved in checkpoints."""
+class GeneratorModule(GeneratorSampler, pl.LightningModule):
+    """What every family's training shares, on top of its sampler (``diffusion.samplers``:
+    model, EMA copy, sampling settings, facts): AdamW with weight decay on matrices only,
+    gradient clipping, the EMA update and the facts and run config saved in checkpoints."""
 
     def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], ema_decay: float = 0.9999,
                  grad_clip: float | None = 1.0, sampling: dict | None = None):
-        super().__init__()
-        self.model = model
-        self.ema = EMA(model, ema_decay)
+        GeneratorSampler.__init__(self, model, ema_decay, sampling)  # its super() is LightningModule
         self.optimizer_factory = optimizer
         self.grad_clip = grad_clip
-        self.sampling: dict[str, Any] = dict(sampling or {})
         self.run_config: dict | None = None
-        self.facts: dict[str, Any] = {}
 
     def loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
@@ -155,17 +95,8 @@ class GeneratorModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.facts = checkpoint.get("generator_facts", {})
 
-    def sample_images(self, tokenizer, indices: list[int], sampling: dict | None = None, seed: int = 0,
-                      num_tokens: int | None = None, decode_options: dict | None = None) -> Tensor:
-        """Images in [-1, 1] of the EMA model for sample ``indices`` (label i % classes,
-        randomness seeded by (seed, i))."""
-        raise NotImplementedError
 
-    def sampling_description(self, sampling: dict | None = None) -> str:
-        return ", ".join(f"{k} {v}" for k, v in {**self.sampling, **(sampling or {})}.items())
-
-
-class TokenARModule(GeneratorModule):
+class TokenARModule(TokenARSampler, GeneratorModule):
     """Cross-entropy training of ``diffusion.ar.ClassConditionalAR`` on cached token indices.
 
     ``train_lengths``: null trains on whole sequences; ``pow2`` / ``uniform`` / ``pow2_round``
@@ -176,7 +107,7 @@ class TokenARModule(GeneratorModule):
 
     def __init__(self, model: nn.Module, optimizer, ema_decay: float = 0.9999, grad_clip: float | None = 1.0,
                  sampling: dict | None = None, train_lengths: str | None = None):
-        super().__init__(model, optimizer, ema_decay, grad_clip, sampling)
+        GeneratorModule.__init__(self, model, optimizer, ema_decay, grad_clip, sampling)
         self.train_lengths = train_lengths
 
     def loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -199,31 +130,8 @@ class TokenARModule(GeneratorModule):
             logs["kept_tokens"] = weight.sum(1).mean()
         return total, logs
 
-    @torch.no_grad()
-    def sample_tokens(self, indices: list[int], sampling: dict | None = None, seed: int = 0,
-                      num_tokens: int | None = None) -> Tensor:
-        model = self.ema.module
-        options = {**self.sampling, **(sampling or {})}
-        n = model.length if num_tokens is None else int(num_tokens)
-        device = model.class_embed.weight.device
-        y = torch.tensor([i % model.num_classes for i in indices], device=device)
-        uniforms = per_sample_rand(indices, (n, model.num_codebooks), seed).to(device)
-        return model.generate(y, num_positions=n, uniforms=uniforms,
-                              cfg_scale=options.get("cfg_scale", 1.0), temperature=options.get("temperature", 1.0),
-                              top_k=options.get("top_k", 0), top_p=options.get("top_p", 1.0))
 
-    @torch.no_grad()
-    def sample_images(self, tokenizer, indices, sampling=None, seed=0, num_tokens=None, decode_options=None):
-        tokens = self.sample_tokens(indices, sampling, seed, num_tokens)
-        shape = self.facts["token_shape"]
-        decoded = contract_tokens(tokens, shape)
-        options = dict(decode_options or {})
-        if len(shape) == 1:  # an ordered 1D sequence decodes from any prefix (FlexTok)
-            options["num_tokens"] = tokens.shape[-1]
-        return tokenizer.decode(decoded, **options).float()
-
-
-class LatentFlowModule(GeneratorModule):
+class LatentFlowModule(LatentFlowSampler, GeneratorModule):
     """Rectified-flow training of a ``LatentDiT`` on normalised latents (``diffusion.flow``'s
     convention: t = 0 data, t = 1 noise, velocity ``eps - x0``), logit-normal t, and
     LightningDiT's cosine term ``1 - cos(v_pred, v)`` per position along channels."""
@@ -231,18 +139,9 @@ class LatentFlowModule(GeneratorModule):
     def __init__(self, model: nn.Module, optimizer, ema_decay: float = 0.9999, grad_clip: float | None = 1.0,
                  sampling: dict | None = None, time_mean: float = 0.0, time_std: float = 1.0,
                  cosine_weight: float = 0.0):
-        super().__init__(model, optimizer, ema_decay, grad_clip, sampling)
+        GeneratorModule.__init__(self, model, optimizer, ema_decay, grad_clip, sampling)
+        self.register_latent_statistics()
         self.time_mean, self.time_std, self.cosine_weight = time_mean, time_std, cosine_weight
-        self.register_buffer("latent_mean", torch.zeros(model.in_channels))
-        self.register_buffer("latent_std", torch.ones(model.in_channels))
-
-    def set_latent_statistics(self, mean: Tensor, std: Tensor) -> None:
-        self.latent_mean.copy_(mean)
-        self.latent_std.copy_(std)
-
-    def denormalize(self, latents: Tensor) -> Tensor:
-        """Generator space -> the tokenizer's latent space (input of ``decode_latents``)."""
-        return latents * self.latent_std.view(1, -1, 1, 1).to(latents) + self.latent_mean.view(1, -1, 1, 1).to(latents)
 
     def loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
         x0, y = batch
@@ -264,57 +163,22 @@ class LatentFlowModule(GeneratorModule):
         if isinstance(dm, TokenCache) and dm.mean is not None:
             self.set_latent_statistics(dm.mean.to(self.device), dm.std.to(self.device))
 
-    @torch.no_grad()
-    def sample_latents(self, indices: list[int], sampling: dict | None = None, seed: int = 0) -> Tensor:
-        model = self.ema.module
-        o = {**self.sampling, **(sampling or {})}
-        device = self.latent_mean.device
-        y = torch.tensor([i % model.num_classes for i in indices], device=device)
-        noise = per_sample_randn(indices, (model.in_channels, model.input_size, model.input_size), seed).to(device)
-        latents = model.sample(y, steps=int(o.get("steps", 50)), guidance=float(o.get("cfg_scale", 1.0)),
-                               guidance_interval=tuple(o.get("guidance_interval", (0.0, 1.0))),
-                               shift=float(o.get("shift", 1.0)), guided_channels=o.get("guided_channels"),
-                               noise=noise)
-        return self.denormalize(latents)
-
-    @torch.no_grad()
-    def sample_images(self, tokenizer, indices, sampling=None, seed=0, num_tokens=None, decode_options=None):
-        return tokenizer.decode_latents(self.sample_latents(indices, sampling, seed)).float()
-
 
 # -- building and loading ------------------------------------------------------------------------
 def build_generator(gcfg: DictConfig, facts: dict[str, Any]) -> GeneratorModule:
-    family = facts["family"]
-    fam = gcfg.families[family]
+    """The trainable module; ``diffusion.samplers.load_generator`` rebuilds its sampler
+    part from the checkpoint (same state_dict keys)."""
+    fam = gcfg.families[facts["family"]]
+    model = build_model(fam, facts)
     common = dict(optimizer=instantiate(fam.optimizer), ema_decay=fam.ema_decay, grad_clip=fam.grad_clip,
                   sampling=OmegaConf.to_container(fam.sampling, resolve=True))
-    if family == "latent_dit":
-        c, h, _ = facts["latent_shape"]
-        model = instantiate(fam.model, in_channels=c, input_size=h, num_classes=facts["num_classes"])
+    if facts["family"] == "latent_dit":
         module: GeneratorModule = LatentFlowModule(model, time_mean=fam.time_mean, time_std=fam.time_std,
                                                    cosine_weight=fam.cosine_weight, **common)
     else:
-        model = instantiate(fam.model, vocab_sizes=list(facts["vocab_sizes"]),
-                            positions=list(facts["token_shape"]), num_classes=facts["num_classes"])
         module = TokenARModule(model, train_lengths=fam.get("train_lengths"), **common)
     module.facts = dict(facts)
     return module
-
-
-def load_generator(path: str | os.PathLike) -> tuple[GeneratorModule, DictConfig]:
-    """(generator module with its EMA, statistics and facts; the run config) from a checkpoint."""
-    from common.checkpoints import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    if "generator_facts" not in ckpt or "config" not in ckpt or "family" not in ckpt["generator_facts"]:
-        raise KeyError(f"{path} is not a generator checkpoint of this version (no generator_facts.family / config). "
-                       "Fix: pass a checkpoint written by `python train.py experiment=generator`.")
-    cfg = OmegaConf.create(ckpt["config"])
-    module = build_generator(cfg.generator, ckpt["generator_facts"])
-    module.load_state_dict(ckpt["state_dict"])
-    module.facts["global_step"] = int(ckpt.get("global_step", -1))
-    module.eval()
-    return module, cfg
 
 
 # -- the run --------------------------------------------------------------------------------------

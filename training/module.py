@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from common.metrics import psnr_per_image, to_pixels
 from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput
 from training.acceleration import accelerate, images_channels_last
-from training.ema import EMA
+from common.ema import EMA
 from training.resume import apply_configured_settings, log_config_changes
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -141,6 +143,18 @@ def load_exact(model: nn.Module, state: Mapping[str, Tensor], source: str,
         log.info("%s: ignored %d training-only tensors (%s%s).", source, len(ignored), ", ".join(ignored[:6]),
                  " ..." if len(ignored) > 6 else "")
     return ignored
+
+
+def conv_levels(keys, block: "re.Pattern[str]", res_kind: str) -> dict[tuple[str, int], tuple[int, bool]]:
+    """(part, level) -> (number of res blocks, whether an attention follows each) of a taming/LDM
+    style conv encoder/decoder state dict. ``block`` matches a level's block keys with groups
+    ``part``, ``level``, ``kind`` (``res_kind`` or attention) and ``j``."""
+    res, attn = defaultdict(set), defaultdict(set)
+    for key in keys:
+        m = block.match(key)
+        if m:
+            (res if m["kind"] == res_kind else attn)[(m["part"], int(m["level"]))].add(int(m["j"]))
+    return {k: (len(res[k]), bool(attn.get(k))) for k in res}
 
 
 def ready(model: nn.Module) -> nn.Module:

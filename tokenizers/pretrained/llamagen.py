@@ -27,7 +27,15 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from tokenizers.pretrained.common import Release, load_exact, read_state_dict, ready, resolve_file, tokenizer_from_config
+from tokenizers.pretrained.common import (
+    Release,
+    conv_levels,
+    load_exact,
+    read_state_dict,
+    ready,
+    resolve_file,
+    tokenizer_from_config,
+)
 
 #: LlamaGen's channel multipliers per downsampling factor (VQ_16, VQ_8 in vq_model.py)
 MULTS = {16: [1, 1, 2, 2, 4], 8: [1, 2, 2, 4]}
@@ -65,16 +73,6 @@ _RESAMPLE = re.compile(r"^(?P<part>encoder|decoder)\.conv_blocks\.(?P<level>\d+)
 _ATTN = re.compile(r"^(?P<module>.+)\.(?P<which>q|k|v)\.(?P<param>weight|bias)$")
 
 
-def _levels(keys) -> dict[tuple[str, int], tuple[int, bool]]:
-    """(part, level) -> (number of res blocks, whether attention follows each)."""
-    res, attn = defaultdict(set), defaultdict(set)
-    for key in keys:
-        m = _BLOCK.match(key)
-        if m:
-            (res if m["kind"] == "res" else attn)[(m["part"], int(m["level"]))].add(int(m["j"]))
-    return {k: (len(res[k]), bool(attn.get(k))) for k in res}
-
-
 def _rename_block(key: str) -> str:
     return key.replace(".nin_shortcut.", ".skip.").replace(".proj_out.", ".proj.")
 
@@ -82,7 +80,7 @@ def _rename_block(key: str) -> str:
 def convert_conv(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename the conv encoder/decoder keys of a LlamaGen-layout state dict (other keys pass
     through unchanged) and stack attention q/k/v into the project's qkv."""
-    levels = _levels(state)
+    levels = conv_levels(state, _BLOCK, "res")
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         m = _BLOCK.match(key)

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from tokenizers.pretrained.common import Release, load_exact, read_state_dict, ready, resolve_file
+from tokenizers.pretrained.common import Release, conv_levels, load_exact, read_state_dict, ready, resolve_file
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +54,6 @@ _ATTN = re.compile(r"^(?P<module>.+)\.(?P<which>q|k|v)\.(?P<param>weight|bias)$"
 
 
 # -- the converter -------------------------------------------------------------------------------
-def _levels(keys) -> dict[tuple[str, int], tuple[int, bool]]:
-    """(part, level) -> (number of res blocks, whether an attention follows each)."""
-    blocks, attn = defaultdict(set), defaultdict(set)
-    for key in keys:
-        m = _BLOCK.match(key)
-        if m:
-            (blocks if m["kind"] == "block" else attn)[(m["part"], int(m["level"]))].add(int(m["j"]))
-    return {k: (len(blocks[k]), bool(attn.get(k))) for k in blocks}
-
-
 def _stack_qkv(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``X.q.*``, ``X.k.*``, ``X.v.*`` -> ``X.qkv.*`` in q, k, v order (how ``conv.AttnBlock``
     splits its output channels)."""
@@ -85,7 +75,7 @@ def _stack_qkv(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def convert(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """An LDM ``AutoencoderKL`` (VA-VAE) state dict -> the project's ``VAVAE`` keys.
     Keys it does not know pass through unchanged (``load_exact`` then reports them)."""
-    levels = _levels(state)
+    levels = conv_levels(state, _BLOCK, "block")
     num_levels = {part: 1 + max((lvl for (p, lvl) in levels if p == part), default=-1) for part in ("encoder", "decoder")}
     out: dict[str, Tensor] = {}
     for key, value in state.items():
