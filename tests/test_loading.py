@@ -86,3 +86,14 @@ def test_exact_load_sets_every_tensor_and_reports_ignored_heads():
 def test_unknown_release_lists_the_available_names():
     with pytest.raises(KeyError, match="Available"):
         load_pretrained("no_such_tokenizer")
+
+
+def test_a_shape_mismatch_alone_is_refused_by_name_and_loads_nothing():
+    """Same keys, one tensor of another shape (e.g. a ds8 codebook size in a ds16 model):
+    one StateDictMismatch naming it, and the model keeps its weights."""
+    model = nn.Linear(3, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {"weight": torch.zeros(5, 3), "bias": torch.zeros(4)}
+    with pytest.raises(StateDictMismatch, match=r"weight: file \(5, 3\) vs model \(4, 3\)"):
+        load_exact(model, state, "toy.pt")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

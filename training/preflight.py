@@ -323,7 +323,8 @@ def _downsample_factor(tokenizer: DictConfig) -> tuple[int | None, str]:
     mults = _get(tokenizer, "encoder.mults")
     if isinstance(mults, ListConfig) and len(mults) > 0:
         return 2 ** (len(mults) - 1), f"2^(len(tokenizer.encoder.mults) - 1) with mults={list(mults)}"
-    if _target(tokenizer).endswith("FlexTok") and not _get(tokenizer, "vae_ckpt"):
+    # a tokenizer over the parameter-free latent stand-in (no VAE checkpoint) downsamples by its settings
+    if _get(tokenizer, "stand_in_downsample") is not None and not _get(tokenizer, "vae_ckpt"):
         down, patch = _get(tokenizer, "stand_in_downsample", 8), _get(tokenizer, "patch_size", 1)
         if isinstance(down, int) and isinstance(patch, int):
             return down * patch, "tokenizer.stand_in_downsample x tokenizer.patch_size"
