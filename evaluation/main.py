@@ -149,6 +149,10 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         try:
             tokenizer, saved_cfg = load_tokenizer(checkpoint, ema=bool(cfg.ema))
         except Exception as error:  # truncated, not a checkpoint, weights not matching its config
+            if isinstance(error, FileNotFoundError):  # a missing file (released weights too): its message names the fix
+                failed[checkpoint] = str(error)
+                log.error("Skipping %s: %s", checkpoint, failed[checkpoint])
+                continue
             reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
             unreadable = isinstance(error, (OSError, EOFError, pickle.UnpicklingError)) or "Stream" in reason
             failed[checkpoint] = f"cannot be loaded ({reason})" + (

@@ -85,3 +85,18 @@ def test_init_from_a_released_checkpoint_sets_tokenizer_and_ema_weights(tmp_path
     expected = llamagen.load_state(llamagen.build(8, **arch), reference_state(fixture), "fixture").state_dict()
     for target in (module.tokenizer, module.ema.module):
         assert all(torch.equal(target.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_a_missing_released_file_is_named_with_where_it_is_published(tmp_path):
+    from evaluation.main import CheckpointsNotEvaluated, evaluate
+
+    spec = f"pretrained:llamagen_vq16:{tmp_path / 'nowhere'}"
+    with initialize_config_dir(str(ROOT / "conf" / "evaluate"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"checkpoints=[{spec}]", "debug=smoke", f"out={tmp_path / 'report'}"])
+    import pytest
+
+    with pytest.raises(CheckpointsNotEvaluated) as error:
+        evaluate(cfg)
+    message = str(error.value)
+    assert "vq_ds16_c2i.pt" in message and "huggingface.co/FoundationVision/LlamaGen" in message
+    assert "truncated" not in message
