@@ -65,11 +65,10 @@ def _steps_in_csv(run_dir) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.xfail(run=False, reason="KNOWN REGRESSION (closing note, issue 14): on a quiet machine the 16-step run can finish before the kill, and since the last merges a resumed run logs its steps one higher")
 def test_train_py_killed_mid_run_resumes_at_the_saved_step_with_the_saved_config(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *FAST_RUN,
-               "trainer.max_steps=16", "callbacks.model_checkpoint.every_n_train_steps=2", "logger=csv"]
+               "trainer.max_steps=40", "callbacks.model_checkpoint.every_n_train_steps=2", "logger=csv"]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 600
@@ -77,22 +76,22 @@ def test_train_py_killed_mid_run_resumes_at_the_saved_step_with_the_saved_config
         if last.exists() and load(last)["global_step"] >= 4:
             break
         time.sleep(0.2)
-    time.sleep(random.Random(1).uniform(0, 1))
+    time.sleep(random.Random(1).uniform(0, 0.5))  # a few steps at most: 40 take several seconds
     first.send_signal(signal.SIGKILL)
     first.wait()
     saved = load(last)
-    assert 4 <= saved["global_step"] < 16, "the run ended before it could be killed"
+    assert 4 <= saved["global_step"] < 40, "the run ended before it could be killed"
     logged_before = _steps_in_csv(run_dir)
 
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]  # the killed run's lock did not block it
     assert f"Resuming from {last}" in second.stdout + second.stderr
     final = load(last)
-    assert final["global_step"] == 16 and final["config"] == saved["config"]
-    assert int(final["state_dict"]["ema.num_updates"]) == 16  # every step counted once: none lost, none repeated
+    assert final["global_step"] == 40 and final["config"] == saved["config"]
+    assert int(final["state_dict"]["ema.num_updates"]) == 40  # every step counted once: none lost, none repeated
     steps = _steps_in_csv(run_dir)
     assert steps[: len(logged_before)] == logged_before  # the killed run's rows are kept
     resumed = steps[len(logged_before):]
-    assert resumed[0] == saved["global_step"] and resumed[-1] == 15  # continued at the saved step
+    assert resumed[0] == saved["global_step"] and resumed[-1] == 39  # continued at the saved step
     # rows are written at every logging step (smoke: 1); the saved step's own row may follow the save
     assert set(range(saved["global_step"] - 1)) <= set(logged_before)

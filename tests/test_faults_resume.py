@@ -113,3 +113,17 @@ def test_resume_appends_to_the_logs_and_applies_a_changed_learning_rate(tmp_path
     assert final["optimizer_states"][1]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # unchanged: kept
     assert final["optimizer_states"][0]["state"][0]["step"] == 4  # moments continued, not restarted
     assert "module.optimizer.lr: 0.0001 -> 0.0003" in caplog.text  # and the user is told
+
+
+def test_resume_after_a_validated_last_step_logs_every_step_once(tmp_path):
+    # validation at the saved step is the case where Lightning's restart adds one to its
+    # logging counter without training a batch (training/resume.py: LoggedStepAfterResume)
+    run_dir, every = tmp_path / "run", ["trainer.val_check_interval=3", "trainer.limit_val_batches=1", "logger=csv"]
+    run(run_dir, "trainer.max_steps=3", *every)
+    assert _logged_steps(run_dir) == [0, 1, 2]
+    run(run_dir, "trainer.max_steps=6", *every)  # resume=auto
+    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert _logged_steps(run_dir) == [0, 1, 2, 3, 4, 5]
+    # a second resume from the counter the first resume saved continues the same way
+    run(run_dir, "trainer.max_steps=9", *every)
+    assert _logged_steps(run_dir) == list(range(9))

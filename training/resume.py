@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerStatus
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +85,39 @@ def _flatten(tree, prefix: str = "") -> dict:
             flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
         return flat
     return {prefix: tree}
+
+
+class LoggedStepAfterResume(pl.Callback):
+    """Keeps the logged step continuous when a run resumes from the checkpoint written after
+    ``trainer.fit`` returned (``training.run``'s final ``last.ckpt``).
+
+    Lightning's loop counter for logging (``_batches_that_stepped``) is saved before its
+    per-batch increment in the checkpoints Lightning writes inside the loop, and after it in
+    a checkpoint written once the loop has finished. On resume, when validation was due at
+    the saved batch, Lightning assumes the former: it runs one empty iteration that only adds
+    one to the counter, so every later step would be logged one higher (0, 1, 2, 4, 5, ...)
+    in the CSV and W&B. The final checkpoint is marked, and at the first trained batch after
+    resuming from it the counter is set back to the saved value."""
+
+    KEY = "saved_after_fit"
+
+    def __init__(self) -> None:
+        self._saved_count: int | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = trainer.state.status == TrainerStatus.FINISHED
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._saved_count = None
+        if checkpoint.get(self.KEY):
+            loop_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+            self._saved_count = loop_state.get("_batches_that_stepped")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._saved_count is not None:
+            loop = trainer.fit_loop.epoch_loop
+            if loop._batches_that_stepped != self._saved_count:
+                log.debug("Logged step %d set back to the saved %d after resume.", loop._batches_that_stepped,
+                          self._saved_count)
+                loop._batches_that_stepped = self._saved_count
+            self._saved_count = None

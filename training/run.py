@@ -23,6 +23,7 @@ from training.checkpoints import (
     resolve_resume,
 )
 from training.preflight import ConfigError, user_error
+from training.resume import LoggedStepAfterResume
 from training.run_lock import run_directory_lock
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def _train(cfg: DictConfig) -> dict:
         # any data is written or read.
         module = build_module(cfg)
         datamodule = instantiate(cfg.data)
-        callbacks = _instantiate_all(cfg.get("callbacks"))
+        callbacks = [*_instantiate_all(cfg.get("callbacks")), LoggedStepAfterResume()]
         loggers = _instantiate_all(cfg.get("logger"))
         plugins = list(_instantiate_all(cfg.get("plugins"))) + [AtomicCheckpointIO()]
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
