@@ -64,10 +64,13 @@ def build(quick: bool, ref: str | None, threads: int, device: str, data_dir: str
                     base = {"case": "tokenizer_step", "family": family, "resolution": res, "batch": batch,
                             "precision": precision, "device": dev, "warmup": 1, "iters": 1}
                     ours = add("tokenizer_step", name, "tokbench", {**base, "fused_adam": True})
-                    if family == "vqgan":  # before/after of the loop-level switches
-                        add("tokenizer_step", name, "tokbench-foreach-adam", {**base, "fused_adam": False})
-                        add("tokenizer_step", name, "tokbench-channels-last",
-                            {**base, "fused_adam": True, "channels_last": True})
+                    if family == "vqgan":  # before/after of each switch the reference scale turns on
+                        for impl, change in (("tokbench-foreach-adam", {"fused_adam": False}),
+                                             ("tokbench-contiguous", {"channels_last": False}),
+                                             ("tokbench-no-recompute", {"recompute_norm_act": False})):
+                            other = add("tokenizer_step", name, impl, {**base, "fused_adam": True, **change})
+                            cs.append(Comparison("tokenizer_step", f"{name}: {impl[9:]} -> default", ours.key,
+                                                 other.key))
                     if ref:
                         peer = add("tokenizer_step", name, PEERS[family], {**base, "fused_adam": False}, reference=True)
                         full_size = not quick and dev == "cpu"

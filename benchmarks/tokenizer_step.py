@@ -37,15 +37,22 @@ def info_nce(prediction, target):
 
 
 # -- tokbench -------------------------------------------------------------------------------
-def build_tokbench(family: str, batch: int, device: torch.device):
+def build_tokbench(family: str, batch: int, device: torch.device, switches: dict | None = None):
+    """The model as ``train.py tokenizer=<family> scale=reference`` trains it, with the
+    speed switches of its config (``module.channels_last`` / ``recompute_norm_act``) unless
+    ``switches`` overrides them; returns (model, loss_fn, the switches applied)."""
     from benchmarks.configs import compose_train
+    from training.acceleration import accelerate
 
     cfg = compose_train([f"tokenizer={family}", "scale=reference"])
+    applied = {key: bool(cfg.module.get(key, False)) for key in ("channels_last", "recompute_norm_act")}
+    applied.update({k: v for k, v in (switches or {}).items() if k in applied})
     if family.startswith("fqgan"):
         cfg.tokenizer.load_teachers = False  # no teacher weights here: fixed random targets below
     from hydra.utils import instantiate
 
     model = instantiate(cfg.tokenizer).to(device)
+    accelerate(model, **applied)
     if family.startswith("fqgan"):
         for branch in model.branches.values():
             if branch.teacher is not None:
@@ -56,7 +63,7 @@ def build_tokbench(family: str, batch: int, device: torch.device):
         out = model(x)
         return sum(out.losses.values()) + F.mse_loss(out.reconstruction.float(), x.float())
 
-    return model, loss_fn
+    return model, loss_fn, applied
 
 
 # -- references -----------------------------------------------------------------------------
@@ -142,18 +149,16 @@ def run(spec: dict) -> dict:
     device = torch.device(spec.get("device", "cpu"))
     batch, res = spec["batch"], spec["resolution"]
     torch.manual_seed(0)
+    channels_last = False
     if impl.startswith("tokbench"):
-        model, loss_fn = build_tokbench(family, batch, device)
+        switches = {k: spec[k] for k in ("channels_last", "recompute_norm_act") if k in spec}
+        model, loss_fn, applied = build_tokbench(family, batch, device, switches)
+        channels_last = applied["channels_last"]
     else:
         builder = REFERENCE_BUILDERS[family]
         kwargs = {"resolution": res} if family == "vae" else {}
         model, loss_fn = builder(spec["ref"], family, batch, device, **kwargs)
     model.train()
-    channels_last = spec.get("channels_last", False)
-    if channels_last:
-        from training.acceleration import to_channels_last
-
-        to_channels_last(model)
     opt_kw = {"fused": True} if spec.get("fused_adam") else {"foreach": True}
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                                  **opt_kw)
@@ -174,4 +179,6 @@ def run(spec: dict) -> dict:
 
     result = time_calls(step, warmup=spec.get("warmup", 1), iters=spec.get("iters", 1))
     result["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    if impl.startswith("tokbench"):
+        result["switches"] = applied
     return result

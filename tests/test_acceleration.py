@@ -75,3 +75,39 @@ def test_bf16_on_a_cpu_without_bf16_units_is_flagged(monkeypatch, caplog):
     assert not acceleration.warn_if_bf16_is_emulated("32-true", "cpu")
     monkeypatch.setattr(acceleration, "cpu_has_bf16_units", lambda: True)
     assert not acceleration.warn_if_bf16_is_emulated("bf16-mixed", "cpu")
+
+
+def test_recomputed_norm_activations_keep_less_and_give_the_same_gradients():
+    from tokenizers.conv import ResBlock
+
+    torch.manual_seed(0)
+    plain = ResBlock(32, 32, norm_groups=8)
+    recomputing = copy.deepcopy(plain)
+    assert accelerate(recomputing, recompute_norm_act=True) == {"recomputed_norm_act_blocks": 1}
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+
+    def run(block):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = block(x)
+        y.square().sum().backward()
+        grads = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+        x.grad = None
+        return y, grads, sum(n for n in saved if n >= x.numel())  # full-size activations only
+
+    y, grads, kept = run(plain)
+    y_re, grads_re, kept_re = run(recomputing)
+    # each norm-act keeps its input only: the GroupNorm outputs (SiLU's inputs) are not stored
+    assert kept - kept_re >= 2 * x.numel()
+    torch.testing.assert_close(y_re, y, rtol=0, atol=0)
+    for g_re, g in zip(grads_re, grads):
+        torch.testing.assert_close(g_re, g, rtol=1e-6, atol=1e-7)
+
+
+def test_the_module_switch_reaches_every_res_block_of_the_trained_tokenizer():
+    module = TokenizerModule(tiny_vqgan(), ReconstructionLoss(perceptual_weight=0), None, recompute_norm_act=True)
+    from tokenizers.conv import ResBlock
+
+    blocks = [m for m in module.tokenizer.modules() if isinstance(m, ResBlock)]
+    assert blocks and all(b.recompute_norm_act for b in blocks)
+    assert not ResBlock.recompute_norm_act  # the class default stays off for other models

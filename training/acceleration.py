@@ -2,6 +2,9 @@
 
 - ``channels_last``: NHWC weights and inputs for conv tokenizers (oneDNN / cuDNN pick
   their NHWC kernels; the math is the same convolution).
+- ``recompute_norm_act``: conv res blocks keep only the GroupNorm input and recompute
+  GroupNorm + SiLU in the backward pass (``tokenizers.conv.norm_silu``): two of the six
+  full-size activations a res block keeps are not stored.
 - ``activation_checkpointing``: transformer blocks recompute their activations in the
   backward pass instead of keeping them (less memory, about one extra forward).
 - ``compile_blocks``: ``torch.compile`` each transformer block in place (state-dict keys
@@ -71,6 +74,16 @@ class _CheckpointedForward:
         return original(block, *args, **kwargs)
 
 
+def recompute_norm_activations(model: nn.Module) -> int:
+    """GroupNorm + SiLU recomputed in backward in every conv ``ResBlock``; returns how many."""
+    from tokenizers.conv import ResBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    for block in blocks:
+        block.recompute_norm_act = True
+    return len(blocks)
+
+
 def checkpoint_blocks(model: nn.Module) -> int:
     """Activation checkpointing on every transformer block of ``model``; returns how many."""
     blocks = transformer_blocks(model)
@@ -88,7 +101,7 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
 
 
 def accelerate(model: nn.Module, channels_last: bool = False, activation_checkpointing: bool = False,
-               compile: bool = False) -> dict[str, int | bool]:
+               compile: bool = False, recompute_norm_act: bool = False) -> dict[str, int | bool]:
     """Apply the switches to ``model`` in place; returns what was applied (for the log)."""
     applied: dict[str, int | bool] = {}
     if channels_last:
@@ -97,6 +110,8 @@ def accelerate(model: nn.Module, channels_last: bool = False, activation_checkpo
             applied["channels_last"] = True
         else:
             log.info("channels_last: %s has no 2D convolutions; left as is.", type(model).__name__)
+    if recompute_norm_act:
+        applied["recomputed_norm_act_blocks"] = recompute_norm_activations(model)
     if activation_checkpointing:
         applied["checkpointed_blocks"] = checkpoint_blocks(model)
     if compile:

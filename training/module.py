@@ -72,6 +72,7 @@ class TokenizerModule(pl.LightningModule):
         max_consecutive_nonfinite: int = 20,
         spectrum_bands: int = 8,
         channels_last: bool = False,
+        recompute_norm_act: bool = False,
         activation_checkpointing: bool = False,
         compile: bool = False,
     ):
@@ -88,7 +89,8 @@ class TokenizerModule(pl.LightningModule):
         if self.channels_last and gan is not None:
             accelerate(gan, channels_last=True)
         self.ema = EMA(tokenizer, ema_decay) if ema_decay else None
-        accelerate(tokenizer, activation_checkpointing=activation_checkpointing, compile=compile)  # not the EMA copy
+        accelerate(tokenizer, activation_checkpointing=activation_checkpointing, compile=compile,  # not the EMA copy
+                   recompute_norm_act=recompute_norm_act)
         self.grad_clip = grad_clip
         self.disc_grad_clip = disc_grad_clip
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
