@@ -160,8 +160,14 @@ def test_when_no_training_sample_can_be_read_the_run_stops_with_a_clear_error(tm
     dm = WebDatasetDataModule(tmp_path, val_shards=None, resolution=16, batch_size=2, num_workers=workers,
                               train_batches_per_epoch=5, shuffle_buffer=2, rank=0, world_size=1,
                               max_consecutive_failures=50)
-    with pytest.raises(DataUnreadableError if workers == 0 else Exception, match="in a row could not be read"):
-        next(iter(dm.train_dataloader()))
+    loader = dm.train_dataloader()
+    try:
+        with pytest.raises(DataUnreadableError if workers == 0 else Exception, match="in a row could not be read"):
+            next(iter(loader))
+    finally:  # stop the persistent workers here, not whenever a later test's garbage collection does
+        workers_iterator = getattr(loader.pipeline[0], "_iterator", None)
+        if workers_iterator is not None:
+            workers_iterator._shutdown_workers()
 
 
 def test_good_samples_between_bad_ones_reset_the_failure_streak():

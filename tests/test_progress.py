@@ -11,29 +11,30 @@ from training.progress import RunProgressBar, RunSummary
 
 
 class _Tiny(pl.LightningModule):
-    def __init__(self):
+    def __init__(self, slow_validation: float = 0.0):
         super().__init__()
         self.model = nn.Linear(4, 1)
+        self.slow_validation = slow_validation
 
     def training_step(self, batch, batch_idx):
         return self.model(batch[0]).pow(2).mean()
 
     def validation_step(self, batch, batch_idx):
         if self.global_step == 3:
-            time.sleep(2.0)  # a slow validation inside the measured steps
+            time.sleep(self.slow_validation)  # a slow validation inside the measured steps
         self.log("val/psnr", 12.5 + batch_idx * 0.0)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def _fit(tmp_path, callbacks, max_steps=14, ckpt_path=None):
+def _fit(tmp_path, callbacks, max_steps=14, ckpt_path=None, slow_validation=0.0):
     data = DataLoader(TensorDataset(torch.randn(12, 4)), batch_size=4)  # 3 batches per epoch
     trainer = pl.Trainer(max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
                          callbacks=callbacks, val_check_interval=3, check_val_every_n_epoch=None,
                          limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu",
                          default_root_dir=tmp_path, enable_model_summary=False)
-    trainer.fit(_Tiny(), train_dataloaders=data, val_dataloaders=data, ckpt_path=ckpt_path)
+    trainer.fit(_Tiny(slow_validation), train_dataloaders=data, val_dataloaders=data, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -55,8 +56,9 @@ def test_resumed_bar_starts_at_the_saved_step(tmp_path):
 def test_summary_measures_the_step_time_and_shows_validation(tmp_path, caplog):
     summary = RunSummary(measure_steps=4, skip=1)
     with caplog.at_level(logging.INFO, logger="training.progress"):
-        _fit(tmp_path, [summary], max_steps=14)
-    assert 0 < summary.seconds_per_step < 0.4  # the 2 s validation at step 3 is not a training step
+        _fit(tmp_path, [summary], max_steps=14, slow_validation=0.8)
+    # the 0.8 s validation at step 3 is not a training step (counted, it would add 0.2 s to each of the 4)
+    assert 0 < summary.seconds_per_step < 0.15
     assert summary.estimated_seconds == summary.seconds_per_step * (14 - 5)
     assert [v["step"] for v in summary.validations] == [3, 6, 9, 12]
     assert "Training Linear" in caplog.text and "Validation at step 3: psnr 12.5 dB" in caplog.text
