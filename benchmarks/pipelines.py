@@ -2,8 +2,10 @@
 
 Data: ImageNet-sized JPEGs (500 x 375, quality 90; crops of scikit-image's bundled
 photographs, so no download) written once into webdataset shards. ``raw`` is the floor
-any loader pays: PIL decode + torchvision ``RandomResizedCrop`` + tensor conversion of
-bytes already in memory, in one process. ``tokbench`` is the training pipeline of
+any loader pays: PIL decode + torchvision ``RandomResizedCrop`` (bilinear, a random part
+of the image) + tensor conversion of bytes already in memory, in one process;
+``raw-bicubic`` is the same for the transform tokbench trains with (SPEC: bicubic
+short-side resize to [R, 1.25 R], then an R x R crop), done the plain way. ``tokbench`` is the training pipeline of
 ``data.webdataset_module`` (tar reading, shuffle buffer, decode, resize / crop / flip,
 batching) with ``num_workers`` worker processes; ``jpeg_draft`` on or off.
 
@@ -59,7 +61,8 @@ def run_data(spec: dict) -> dict:
     torch.set_num_threads(1)
     root = write_jpeg_shards(Path(spec["data_dir"]), spec["images"])
     res, batch = spec["resolution"], 32
-    if spec["impl"] == "raw":
+    if spec["impl"].startswith("raw"):
+        import random
         import tarfile
 
         import numpy as np
@@ -70,7 +73,16 @@ def run_data(spec: dict) -> dict:
         for tar in sorted(root.glob("train-*.tar")):
             with tarfile.open(tar) as t:
                 blobs += [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".jpg")]
-        crop = RandomResizedCrop(res)
+        if spec["impl"] == "raw":
+            crop = RandomResizedCrop(res)  # bilinear, a random 8-100 % of the area
+        else:  # raw-bicubic: the paper's transform done plainly (whole image resized, then cropped)
+            def crop(image):
+                w, h = image.size
+                short = random.randint(res, int(1.25 * res))
+                size = (short, max(short, round(h * short / w))) if w <= h else (max(short, round(w * short / h)), short)
+                image = image.resize(size, Image.Resampling.BICUBIC)
+                left, top = random.randint(0, size[0] - res), random.randint(0, size[1] - res)
+                return image.crop((left, top, left + res, top + res))
 
         def epoch():
             for data in blobs:

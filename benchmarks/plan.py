@@ -122,21 +122,27 @@ def build(quick: bool, ref: str | None, threads: int, device: str, data_dir: str
 
     # -- data pipeline -----------------------------------------------------------------------
     if want("data"):
-        images = 192 if quick else 480
+        images = 384 if quick else 960
         for res in (256, 128):
             name = f"500x375 JPEG -> {res}px"
             base = {"case": "data", "resolution": res, "images": images, "data_dir": data_dir, "threads": 1}
             raw = add("data", name, "raw", base)
+            bicubic = add("data", name, "raw-bicubic", base)
             one = add("data", name, "tokbench", {**base, "workers": 0})
             cs.append(Comparison("data", f"{name}: per core vs raw decode + crop", one.key, raw.key, time_target=0.9,
                                  throughput=True))
+            cs.append(Comparison("data", f"{name}: per core vs raw decode + the same bicubic resize + crop", one.key,
+                                 bicubic.key, throughput=True))
             nodraft = add("data", name, "tokbench-no-draft", {**base, "workers": 0, "jpeg_draft": False})
             cs.append(Comparison("data", f"{name}: draft decode on vs off", one.key, nodraft.key, throughput=True))
             if res == 256:
+                by_workers = {}
                 for workers in (1, 2):
-                    w = add("data", name, f"tokbench-{workers}-workers", {**base, "workers": workers})
+                    w = by_workers[workers] = add("data", name, f"tokbench-{workers}-workers", {**base, "workers": workers})
                     cs.append(Comparison("data", f"{name}: {workers} workers vs in-process", w.key, one.key,
                                          throughput=True))
+                cs.append(Comparison("data", f"{name}: 2 workers vs 1 worker", by_workers[2].key, by_workers[1].key,
+                                     throughput=True))
 
     # -- evaluator, generator, DDP -----------------------------------------------------------------
     if want("evaluator"):

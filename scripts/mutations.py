@@ -160,7 +160,7 @@ MUTATIONS = [
     Mutation("no_flip", "training transform never flips", "data/transforms.py",
              "        if self.flip and random.random() < 0.5:", "        if False:", [D]),
     Mutation("resize_not_crop", "training transform squashes instead of cropping", "data/transforms.py",
-             "        image = image.crop((left, top, left + size, top + size))",
+             "        image = resized_window(image, new_size, left, top, size)",
              "        image = image.resize((size, size))", [D]),
     Mutation("val_workers_read_everything", "every validation worker reads every segment", "data/webdataset_module.py",
              "            Segments(segments),\n            wds.split_by_worker,\n", "            Segments(segments),\n",
@@ -172,6 +172,13 @@ MUTATIONS = [
     Mutation("usage_overwritten", "code counts overwritten by each batch instead of accumulated", "common/metrics.py",
              "            counts += torch.bincount(flat, minlength=k).cpu()",
              "            counts.copy_(torch.bincount(flat, minlength=k).cpu())", ["tests/test_metrics.py", E]),
+    # -- resume logging, speed switches ------------------------------------------------------------
+    Mutation("logged_step_shift_on_resume", "the final checkpoint's logging counter taken as Lightning assumes it",
+             "training/run.py", "        callbacks = [*_instantiate_all(cfg.get(\"callbacks\")), LoggedStepAfterResume()]",
+             "        callbacks = [*_instantiate_all(cfg.get(\"callbacks\"))]", ["tests/test_faults_resume.py"]),
+    Mutation("norm_act_not_recomputed", "recompute_norm_act accepted but GroupNorm + SiLU outputs still kept",
+             "tokenizers/conv.py", "    if recompute and torch.is_grad_enabled() and x.requires_grad:",
+             "    if False:", ["tests/test_acceleration.py"]),
 ]
 
 

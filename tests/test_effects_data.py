@@ -65,3 +65,19 @@ def test_the_rank_comes_from_the_trainer_when_not_given(tmp_path):
     dm.trainer = SimpleNamespace(global_rank=1, world_size=2)
     assert dm.rank_and_world_size() == (1, 2)
     assert {i // 6 for i in labels_seen(dm.train_dataloader())} <= {1, 3}
+
+
+def test_a_resized_training_crop_equals_the_window_of_the_resized_image():
+    from PIL import Image as PILImage
+
+    from data.transforms import resized_window
+
+    image, _ = _exact_image(50, 37, seed=3)
+    resized = image.resize((86, 64), PILImage.Resampling.BICUBIC)  # short side 37 -> 64
+    for left, top in ((0, 0), (22, 0), (9, 0)):
+        window = np.asarray(resized.crop((left, top, left + 64, top + 64)), dtype=int)
+        fast = np.asarray(resized_window(image, (86, 64), left, top, 64), dtype=int)
+        assert np.abs(fast - window).max() <= 1  # rounding only
+    # the window moves with the offset: not a resize of the whole image
+    assert not np.array_equal(np.asarray(resized_window(image, (86, 64), 0, 0, 64)),
+                              np.asarray(resized_window(image, (86, 64), 22, 0, 64)))
