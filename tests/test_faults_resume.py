@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from fault_helpers import load, run
@@ -127,3 +128,29 @@ def test_resume_after_a_validated_last_step_logs_every_step_once(tmp_path):
     # a second resume from the counter the first resume saved continues the same way
     run(run_dir, "trainer.max_steps=9", *every)
     assert _logged_steps(run_dir) == list(range(9))
+
+
+class CrashAtStep(pl.Callback):
+    """Stops the run with an error at the start of training step ``step`` (a crash: no final save)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_from_a_checkpoint_written_inside_the_loop_continues_the_logged_steps(tmp_path):
+    # the other case of LoggedStepAfterResume: a crashed run's last.ckpt was written by
+    # Lightning inside the loop, and its counter must be left as Lightning restores it
+    run_dir = tmp_path / "run"
+    every = ["callbacks.model_checkpoint.every_n_train_steps=2", "logger=csv"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(run_dir, "trainer.max_steps=8", *every, "+callbacks.crash={_target_: test_faults_resume.CrashAtStep, step: 5}")
+    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
+    run(run_dir, "trainer.max_steps=8", *every)
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        steps = [int(r["step"]) for r in csv.DictReader(handle) if r.get("train/loss/total")]
+    # the crashed run logged 0-4; its checkpoint holds step 4, which the resumed run trains again
+    assert steps == [0, 1, 2, 3, 4, 4, 5, 6, 7]

@@ -111,7 +111,11 @@ def accelerate(model: nn.Module, channels_last: bool = False, activation_checkpo
         else:
             log.info("channels_last: %s has no 2D convolutions; left as is.", type(model).__name__)
     if recompute_norm_act:
-        applied["recomputed_norm_act_blocks"] = recompute_norm_activations(model)
+        blocks = recompute_norm_activations(model)
+        if blocks:
+            applied["recomputed_norm_act_blocks"] = blocks
+        else:  # e.g. FlexTok (transformers): activation_checkpointing is its memory switch
+            log.info("recompute_norm_act: %s has no conv res blocks; left as is.", type(model).__name__)
     if activation_checkpointing:
         applied["checkpointed_blocks"] = checkpoint_blocks(model)
     if compile:

@@ -235,6 +235,7 @@ def prepare_generator(cfg: DictConfig) -> tuple[GeneratorModule, TokenCache]:
 def fit_generator(cfg: DictConfig) -> dict[str, float]:
     """Encode (once), train, save ``<run dir>/checkpoints/last.ckpt``; returns final metrics."""
     from training.checkpoints import LAST, AtomicCheckpointIO, checkpoint_dir, resolve_resume
+    from training.resume import LoggedStepAfterResume
 
     from training.run import configure_cpu_threads
 
@@ -244,7 +245,8 @@ def fit_generator(cfg: DictConfig) -> dict[str, float]:
         log.info("CPU run: %d intra-op thread(s) per process.", threads)
     pl.seed_everything(cfg.seed, workers=True)
     module, cache = prepare_generator(cfg)
-    callbacks = _instantiate_targets(cfg.get("callbacks"))
+    # the final save below is written after the loop, as in training.run
+    callbacks = [*_instantiate_targets(cfg.get("callbacks")), LoggedStepAfterResume()]
     loggers = _instantiate_targets(cfg.get("logger"))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in ("val_check_interval", "limit_val_batches", "check_val_every_n_epoch"):
