@@ -77,6 +77,34 @@ def time_calls(fn: Callable[[], object], warmup: int = 1, iters: int = 2) -> dic
     }
 
 
+# the kernels both sides of a comparison call alike (oneDNN / BLAS): their time is what no
+# code around them can remove
+HEAVY_KERNELS = {
+    "convolution": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
+                    "aten::cudnn_convolution", "aten::cudnn_convolution_backward"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+               "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_efficient_attention_forward",
+               "aten::_efficient_attention_backward", "aten::_flash_attention_forward", "aten::_flash_attention_backward"),
+}
+
+
+def kernel_seconds(fn: Callable[[], object]) -> dict:
+    """One profiled call of ``fn``: the self time of the convolution and matrix-multiply
+    kernels and of all ops. ``heavy_share`` bounds what any change around those kernels can
+    gain: a step is at most ``1 / heavy_share`` times faster if everything else took no time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    out = {kind: sum(e.self_cpu_time_total for e in events if e.key in names) / 1e6
+           for kind, names in HEAVY_KERNELS.items()}
+    out["profiled_s"] = total
+    out["heavy_share"] = (sum(out[k] for k in HEAVY_KERNELS) / total) if total else None
+    return out
+
+
 def _load() -> float | None:
     try:
         import os

@@ -63,7 +63,7 @@ def build(quick: bool, ref: str | None, threads: int, device: str, data_dir: str
                     name = f"{family} {res}px b{batch} {precision}" + (" cuda" if dev == "cuda" else "")
                     base = {"case": "tokenizer_step", "family": family, "resolution": res, "batch": batch,
                             "precision": precision, "device": dev, "warmup": 1, "iters": 1}
-                    ours = add("tokenizer_step", name, "tokbench", {**base, "fused_adam": True})
+                    ours = add("tokenizer_step", name, "tokbench", {**base, "fused_adam": True, "profile": True})
                     if family == "vqgan":  # before/after of each switch the reference scale turns on
                         for impl, change in (("tokbench-foreach-adam", {"fused_adam": False}),
                                              ("tokbench-contiguous", {"channels_last": False}),
@@ -113,7 +113,7 @@ def build(quick: bool, ref: str | None, threads: int, device: str, data_dir: str
         for precision in PRECISIONS:
             name = f"flextok d4/4 w768 R256 16x32x32 b2 {precision}"
             base = {"case": "flextok_step", "precision": precision, "warmup": 1, "iters": 1}
-            ours = add("flextok_step", name, "tokbench", base)
+            ours = add("flextok_step", name, "tokbench", {**base, "profile": True})
             add("flextok_step", name, "tokbench-activation-checkpointing", {**base, "activation_checkpointing": True})
             if ref:
                 peer = add("flextok_step", name, "ml-flextok", base, reference=True)

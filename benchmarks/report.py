@@ -17,6 +17,10 @@ MEMORY_NOTE = ("Memory: resident set size (RSS) of the measuring process from /p
                "high-water mark during the measured calls (VmHWM reset just before them), i.e. model, optimizer "
                "state and working memory; 'above base' is peak minus the RSS just before the measured calls.")
 
+BOUND_NOTE = ("bound: the speed-up tokbench would have if every op of its step except the convolution and "
+              "matrix-multiply kernels took no time (peer time / our time in those kernels, from one profiled "
+              "step after the timed ones); a target above it cannot be met by code around those kernels.")
+
 
 def _cpu_model() -> str:
     try:
@@ -74,6 +78,9 @@ def compare(measurements: list[Measurement], comparisons: list[Comparison]) -> l
             else:
                 row["speedup"] = peer["seconds"] / ours["seconds"]
                 row["memory_ratio"] = ours["peak_rss_mib"] / peer["peak_rss_mib"]
+                share = (ours.get("kernels") or {}).get("heavy_share")
+                if share and by_key[c.peer].reference:  # the speed-up if every op of ours but the convolutions / matmuls took no time
+                    row["bound"] = peer["seconds"] / (ours["seconds"] * share)
         elif ours.get("status") == "ok":
             row["note"] = f"peer {peer.get('status')}: {peer.get('error')}"
         else:
@@ -111,7 +118,8 @@ def _measurement_table(ms: list[Measurement]) -> list[str]:
 
 
 def _ratio_table(rows: list[dict]) -> list[str]:
-    lines = ["| comparison | speed-up (x) | memory (ours / peer) | target | met |", "|---|---:|---:|---|---|"]
+    lines = ["| comparison | speed-up (x) | bound (x) | memory (ours / peer) | target | met |",
+             "|---|---:|---:|---:|---|---|"]
     for r in rows:
         target = []
         if r["time_target"] is not None:
@@ -120,7 +128,8 @@ def _ratio_table(rows: list[dict]) -> list[str]:
             target.append(f"memory <= {r['memory_target']}x")
         met = {True: "yes", False: "**no**", None: "-"}[r["target_met"]]
         note = f" ({r['note']})" if r.get("note") else ""
-        lines.append(f"| {r['label']}{note} | {_num(r.get('speedup'))} | {_num(r.get('memory_ratio'))} | "
+        lines.append(f"| {r['label']}{note} | {_num(r.get('speedup'))} | {_num(r.get('bound'))} | "
+                     f"{_num(r.get('memory_ratio'))} | "
                      f"{', '.join(target) or '-'} | {met} |")
     return lines
 
@@ -159,7 +168,7 @@ def write_report(out: Path, machine: dict, settings: dict, measurements: list[Me
         f"{machine.get('wall_seconds')} s",
         f"- {MEMORY_NOTE}", "",
         "## Ratios (measured side by side in this run; speed-up = peer time / our time, or our images/s / peer's)",
-        "", *_ratio_table(rows), "",
+        "", BOUND_NOTE, "", *_ratio_table(rows), "",
     ]
     for section, title in SECTION_TITLES.items():
         ms = [m for m in measurements if m.section == section]

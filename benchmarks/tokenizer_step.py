@@ -179,6 +179,10 @@ def run(spec: dict) -> dict:
 
     result = time_calls(step, warmup=spec.get("warmup", 1), iters=spec.get("iters", 1))
     result["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    if spec.get("profile") and spec.get("device", "cpu") == "cpu":  # after the timed calls: never inside them
+        from benchmarks.measure import kernel_seconds
+
+        result["kernels"] = kernel_seconds(step)
     if impl.startswith("tokbench"):
         result["switches"] = applied
     return result

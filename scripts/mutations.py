@@ -174,11 +174,20 @@ MUTATIONS = [
              "            counts.copy_(torch.bincount(flat, minlength=k).cpu())", ["tests/test_metrics.py", E]),
     # -- resume logging, speed switches ------------------------------------------------------------
     Mutation("logged_step_shift_on_resume", "the final checkpoint's logging counter taken as Lightning assumes it",
-             "training/run.py", "        callbacks = [*_instantiate_all(cfg.get(\"callbacks\")), LoggedStepAfterResume()]",
-             "        callbacks = [*_instantiate_all(cfg.get(\"callbacks\"))]", ["tests/test_faults_resume.py"]),
+             "training/run.py", "        callbacks = [*_instantiate_all(cfg.get(\"callbacks\")), LoggedStepAfterResume(), validated]",
+             "        callbacks = [*_instantiate_all(cfg.get(\"callbacks\")), validated]", ["tests/test_faults_resume.py"]),
+    Mutation("lr_schedule_ignored", "module.lr_schedule accepted but the optimizers keep the configured rate",
+             "training/module.py", "        if self.lr_schedule is not None:\n            self._schedule_lr(step, opt_g, opt_d)",
+             "        pass", ["tests/test_schedules.py"]),
+    Mutation("final_weights_not_validated", "a run ending between validations reports an older step's metrics",
+             "training/run.py", "        validate_final_weights(trainer, module, datamodule, validated)\n", "",
+             ["tests/test_schedules.py"]),
     Mutation("norm_act_not_recomputed", "recompute_norm_act accepted but GroupNorm + SiLU outputs still kept",
-             "tokenizers/conv.py", "    if recompute and torch.is_grad_enabled() and x.requires_grad:",
-             "    if False:", ["tests/test_acceleration.py"]),
+             "tokenizers/conv.py", "        return _NormSiLUConv.apply(x, norm.weight, norm.bias, conv.weight, conv.bias, norm, conv)",
+             "        return conv(F.silu(norm(x)))", ["tests/test_acceleration.py"]),
+    Mutation("recomputed_conv_weight_grad_dropped", "the fused norm-act-conv returns no gradient for the conv weight",
+             "tokenizers/conv.py", "        return (gx, gnw, gnb, None if grad_w is None else grad_w.to(conv_weight.dtype),",
+             "        return (gx, gnw, gnb, None,", ["tests/test_acceleration.py"]),
 ]
 
 

@@ -77,31 +77,52 @@ def test_bf16_on_a_cpu_without_bf16_units_is_flagged(monkeypatch, caplog):
     assert not acceleration.warn_if_bf16_is_emulated("bf16-mixed", "cpu")
 
 
-def test_recomputed_norm_activations_keep_less_and_give_the_same_gradients():
+@pytest.mark.parametrize("bf16, channels_last", [(False, False), (True, True)])
+def test_recomputed_norm_activations_keep_less_and_give_the_same_gradients(bf16, channels_last):
     from tokenizers.conv import ResBlock
 
     torch.manual_seed(0)
     plain = ResBlock(32, 32, norm_groups=8)
     recomputing = copy.deepcopy(plain)
     assert accelerate(recomputing, recompute_norm_act=True) == {"recomputed_norm_act_blocks": 1}
-    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    x = torch.randn(2, 32, 8, 8)
+    if channels_last:
+        for block in (plain, recomputing):
+            block.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
 
     def run(block):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y = block(x)
-        y.square().sum().backward()
+        y.float().square().sum().backward()
         grads = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
         x.grad = None
         return y, grads, sum(n for n in saved if n >= x.numel())  # full-size activations only
 
     y, grads, kept = run(plain)
     y_re, grads_re, kept_re = run(recomputing)
-    # each norm-act keeps its input only: the GroupNorm outputs (SiLU's inputs) are not stored
-    assert kept - kept_re >= 2 * x.numel()
+    # each norm-act-conv keeps its input only: neither the GroupNorm output (SiLU's input)
+    # nor the SiLU output (the convolution's input) is stored, in both convs of the block
+    assert kept - kept_re >= 4 * x.numel()
     torch.testing.assert_close(y_re, y, rtol=0, atol=0)
     for g_re, g in zip(grads_re, grads):
         torch.testing.assert_close(g_re, g, rtol=1e-6, atol=1e-7)
+
+
+def test_recomputed_norm_act_conv_leaves_frozen_weights_without_gradients():
+    from tokenizers.conv import ResBlock
+
+    block = ResBlock(16, 16, norm_groups=4)
+    accelerate(block, recompute_norm_act=True)
+    block.conv1.requires_grad_(False)
+    block.norm2.requires_grad_(False)
+    x = torch.randn(1, 16, 4, 4, requires_grad=True)
+    block(x).sum().backward()
+    assert block.conv1.weight.grad is None and block.norm2.weight.grad is None
+    assert block.conv2.weight.grad is not None and block.norm1.weight.grad is not None and x.grad is not None
 
 
 def test_the_module_switch_reaches_every_res_block_of_the_trained_tokenizer():

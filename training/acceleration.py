@@ -2,9 +2,10 @@
 
 - ``channels_last``: NHWC weights and inputs for conv tokenizers (oneDNN / cuDNN pick
   their NHWC kernels; the math is the same convolution).
-- ``recompute_norm_act``: conv res blocks keep only the GroupNorm input and recompute
-  GroupNorm + SiLU in the backward pass (``tokenizers.conv.norm_silu``): two of the six
-  full-size activations a res block keeps are not stored.
+- ``recompute_norm_act``: each GroupNorm -> SiLU -> conv of a conv res block keeps only its
+  input and recomputes GroupNorm + SiLU in the backward pass, where the convolution's own
+  backward kernel takes the recomputed input (``tokenizers.conv.norm_silu_conv``): a res
+  block stores two full-size activations instead of six, and no convolution runs twice.
 - ``activation_checkpointing``: transformer blocks recompute their activations in the
   backward pass instead of keeping them (less memory, about one extra forward).
 - ``compile_blocks``: ``torch.compile`` each transformer block in place (state-dict keys

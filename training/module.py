@@ -26,7 +26,7 @@ from common.metrics import psnr_per_image, to_pixels
 from tokenizers.contract import AdaptiveTerm, Tokenizer, TokenizerOutput
 from training.acceleration import accelerate, images_channels_last
 from common.ema import EMA
-from training.resume import apply_configured_settings, log_config_changes
+from training.resume import apply_configured_settings, configured_defaults, log_config_changes
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class TokenizerModule(pl.LightningModule):
         recompute_norm_act: bool = False,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        lr_schedule: Callable[[int, int | None], float] | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -84,6 +85,8 @@ class TokenizerModule(pl.LightningModule):
         self.regularizer = regularizer
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer or optimizer
+        # stateless (training/schedules.py): lr = configured lr * lr_schedule(step, max_steps)
+        self.lr_schedule = lr_schedule
         # speed switches (training.acceleration): same outputs, other kernels / memory trade-offs
         self.channels_last = bool(channels_last) and accelerate(tokenizer, channels_last=True).get("channels_last", False)
         if self.channels_last and gan is not None:
@@ -165,6 +168,8 @@ class TokenizerModule(pl.LightningModule):
         images = images_channels_last(batch[0]) if self.channels_last else batch[0]
         opt_g, opt_d = self._optimizers()
         step = self.global_step  # == batches seen (see module docstring)
+        if self.lr_schedule is not None:
+            self._schedule_lr(step, opt_g, opt_d)
 
         if opt_d is not None:
             self.toggle_optimizer(opt_g)  # no discriminator gradients from the generator pass
@@ -224,6 +229,17 @@ class TokenizerModule(pl.LightningModule):
             self.log("data/skipped", float(skipped()), on_step=True, on_epoch=False, sync_dist=True,
                      reduce_fx="sum")  # per rank in the data module; summed over ranks here
         return total.detach()
+
+    def _schedule_lr(self, step: int, *optimizers) -> None:
+        if not hasattr(self, "_configured_lr"):  # the config's rates, not the (resumed) optimizers'
+            factories = [self.optimizer_factory, self.disc_optimizer_factory]
+            self._configured_lr = [configured_defaults(f)["lr"] for f in factories]
+        factor = self.lr_schedule(step, self.trainer.max_steps)
+        for optimizer, lr in zip(optimizers, self._configured_lr):
+            if optimizer is not None:
+                for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+                    group["lr"] = lr * factor
+        self.log("train/lr_factor", factor, on_step=True, on_epoch=False)
 
     def _clip(self, optimizer, max_norm: float) -> None:
         """Clip the gradient norm of ``optimizer``'s parameters.
@@ -347,5 +363,6 @@ class TokenizerModule(pl.LightningModule):
         # runs before Lightning loads the optimizer states: a learning rate (or betas, ...)
         # changed in the config on resume is applied, not silently replaced by the saved one
         factories = [self.optimizer_factory] + ([self.disc_optimizer_factory] if self.gan is not None else [])
-        apply_configured_settings(checkpoint.get("optimizer_states", []), factories, ["tokenizer", "discriminator"])
+        apply_configured_settings(checkpoint.get("optimizer_states", []), factories, ["tokenizer", "discriminator"],
+                                  scheduled=("lr",) if self.lr_schedule is not None else ())
         log_config_changes(checkpoint.get("config"), self.run_config)

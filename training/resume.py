@@ -24,12 +24,14 @@ def configured_defaults(factory: Callable[..., torch.optim.Optimizer]) -> dict:
     return dict(factory([torch.nn.Parameter(torch.zeros(1))]).defaults)
 
 
-def apply_configured_settings(saved_states: Sequence[dict], factories: Sequence[Callable], names: Sequence[str]) -> list[str]:
+def apply_configured_settings(saved_states: Sequence[dict], factories: Sequence[Callable], names: Sequence[str],
+                              scheduled: Sequence[str] = ()) -> list[str]:
     """Overwrites the hyperparameters in ``saved_states`` (``checkpoint["optimizer_states"]``,
-    in place) with the configured ones; returns the changes as ``"name key: old -> new"``."""
+    in place) with the configured ones; returns the changes as ``"name key: old -> new"``.
+    ``scheduled`` keys (``lr`` under a schedule) are set at every step and left alone here."""
     changes: list[str] = []
     for state, factory, name in zip(saved_states, factories, names):
-        configured = configured_defaults(factory)
+        configured = {k: v for k, v in configured_defaults(factory).items() if k not in scheduled}
         for group in state.get("param_groups", []):
             for key, value in configured.items():
                 if key in group and not _same(group[key], value):

@@ -22,6 +22,7 @@ from training.checkpoints import (
     resolve_init_from,
     resolve_resume,
 )
+from training.final_validation import ValidatedStep, validate_final_weights
 from training.preflight import ConfigError, user_error
 from training.resume import LoggedStepAfterResume
 from training.run_lock import run_directory_lock
@@ -118,7 +119,8 @@ def _train(cfg: DictConfig) -> dict:
         # any data is written or read.
         module = build_module(cfg)
         datamodule = instantiate(cfg.data)
-        callbacks = [*_instantiate_all(cfg.get("callbacks")), LoggedStepAfterResume()]
+        validated = ValidatedStep()
+        callbacks = [*_instantiate_all(cfg.get("callbacks")), LoggedStepAfterResume(), validated]
         loggers = _instantiate_all(cfg.get("logger"))
         plugins = list(_instantiate_all(cfg.get("plugins"))) + [AtomicCheckpointIO()]
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
@@ -138,6 +140,7 @@ def _train(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         final = checkpoint_dir(run_dir) / LAST
         trainer.save_checkpoint(final)  # always leave the end state, whatever the interval
+        validate_final_weights(trainer, module, datamodule, validated)
     except BaseException:
         finish_loggers(loggers, failed=True)
         raise
