@@ -26,7 +26,8 @@ class WarmupStableDecay:
         if self.warmup_steps < 0 or self.decay_steps < 0 or not 0.0 <= self.decay_fraction <= 1.0:
             raise ValueError(f"{self}: warmup_steps and decay_steps must be >= 0 and decay_fraction in [0, 1]")
         if self.decay_steps and self.decay_fraction:
-            raise ValueError(f"{self}: give decay_steps or decay_fraction, not both")
+            raise ValueError(f"{self}: give decay_steps or decay_fraction, not both. Fix: set the other to 0, "
+                             "e.g. module.lr_schedule.decay_fraction=0")
         if not 0.0 <= self.final_ratio <= 1.0:
             raise ValueError(f"{self}: final_ratio must be in [0, 1]")
 
